@@ -1,0 +1,1 @@
+"""Model families. `registry.family_for(model_type)` picks one from an HF config's `model_type`."""

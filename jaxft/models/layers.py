@@ -1,0 +1,124 @@
+"""Building blocks shared by the model families.
+
+Parameters keep Hugging Face's layout and names (`weight` [out, in], `bias`), so a checkpoint maps
+onto a model by name alone and loading is a copy, never a transpose. Each parameter carries
+`axes`, its logical axis names; `jaxft.sharding` turns those into a device placement with one
+rules table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Axis:
+    """Logical axis names used on parameters and activations (mapped to mesh axes by jaxft.sharding)."""
+
+    BATCH, SEQ = "batch", "seq"
+    VOCAB, EMBED, MLP, HEADS, KV_HEADS, LAYERS, NORM = "vocab", "embed", "mlp", "heads", "kv_heads", "layers", "norm"
+
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=axes)
+
+
+class Linear(nnx.Module):
+    """y = x Wᵀ + b with W stored [out, in] as in PyTorch; the matmul runs in the compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
+                 param_dtype, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.weight = param(rngs, init, (out_features, in_features), param_dtype, axes)
+        self.bias = param(rngs, nnx.initializers.zeros_init(), (out_features,), param_dtype, axes[:1]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype, dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), param_dtype, (Axis.VOCAB, Axis.EMBED))
+        self.dtype = dtype
+
+    def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Tied output projection: logits against the embedding table."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF's RMSNorm: normalize in float32, cast back, then scale (the order matters in bf16)."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype, dtype, rngs: nnx.Rngs):
+        self.weight = param(rngs, nnx.initializers.ones_init(), (features,), param_dtype, (Axis.NORM,))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds `num_layers` copies of a layer as ONE module whose params have a leading layer axis.
+
+    Running it with `scan_layers` compiles the layer body once, so compile time does not grow with
+    depth. The leading axis is named `layers` in each param's `axes`.
+    """
+    keys = jax.random.split(rngs.params(), num_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_layer(nnx.Rngs(params=0))))
+    state = jax.vmap(lambda key: nnx.split(make_layer(nnx.Rngs(params=key)))[1])(keys)
+    state = jax.tree.map(lambda v: v.replace(axes=(Axis.LAYERS, *v.axes)), state,
+                         is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.merge(graphdef, state)
+
+
+def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable):
+    """carry = body(layer, carry, per_layer_input) for each layer of `stacked`, under lax.scan."""
+    graphdef, state = nnx.split(stacked)
+
+    def step(carry, xs):
+        layer_state, layer_input = xs
+        return body(nnx.merge(graphdef, layer_state), carry, layer_input), None
+
+    carry, _ = jax.lax.scan(step, carry, (state, per_layer_inputs))
+    return carry
+
+
+# --- activation sharding -------------------------------------------------------------------------
+# `jaxft.sharding.activate(mesh, rules)` sets this; models stay free of training and mesh code.
+_LOGICAL_TO_SPEC: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxft_logical_to_spec", default=None)
+
+
+@contextlib.contextmanager
+def logical_sharding(to_sharding: Callable[[tuple[str | None, ...], tuple[int, ...]], jax.sharding.Sharding]):
+    token = _LOGICAL_TO_SPEC.set(to_sharding)
+    try:
+        yield
+    finally:
+        _LOGICAL_TO_SPEC.reset(token)
+
+
+def constrain(x: jnp.ndarray, axes: tuple[str | None, ...]) -> jnp.ndarray:
+    """Pins an activation's sharding by logical axis names when a mesh is active; no-op otherwise."""
+    to_sharding = _LOGICAL_TO_SPEC.get()
+    if to_sharding is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))

@@ -1,0 +1,139 @@
+"""Rotary position embeddings, with the scaling variants of HF checkpoints.
+
+Each variant computes `inv_freq` (one frequency per rotated pair) and an `attention_factor` that
+scales cos/sin, exactly as `transformers.modeling_rope_utils` does, in float32 on the host, so that
+a checkpoint's positions mean the same thing here as in PyTorch. Types that depend on the running
+sequence length (`dynamic`) change the model as it generates, so fine-tuning them is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Normalized RoPE settings; `params` keeps the type's own fields (factor, ...) as in HF."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    params: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs: hashable, so jit-static
+    partial_rotary_factor: float = 1.0
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "RopeConfig":
+        """Reads transformers v5 `rope_parameters` or the v4 pair `rope_theta` + `rope_scaling`."""
+        if isinstance(hf.get("rope_parameters"), dict):
+            raw = dict(hf["rope_parameters"])
+            if raw and all(isinstance(v, dict) for v in raw.values()):
+                raise ValueError(f"{where}: per-layer-type rope_parameters {sorted(raw)} are not supported by this family")
+        else:
+            raw = dict(hf.get("rope_scaling") or {})
+            raw.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = raw.pop("rope_type", None) or raw.pop("type", None) or "default"
+        raw.pop("type", None)
+        theta = float(raw.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        partial = float(raw.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        if rope_type not in _INV_FREQ:
+            raise ValueError(
+                    f"{where}: rope type {rope_type!r} is not supported (supported: {sorted(_INV_FREQ)}); "
+                    "'dynamic' rescales with the running length and cannot be fine-tuned faithfully")
+        return cls(theta=theta, rope_type=rope_type, params=tuple(sorted(raw.items())), partial_rotary_factor=partial)
+
+    def to_hf(self) -> dict[str, Any]:
+        """v4 keys (`rope_theta`, `rope_scaling`), which transformers v4 reads and v5 standardizes."""
+        out: dict[str, Any] = {"rope_theta": self.theta}
+        out["rope_scaling"] = None if self.rope_type == "default" else {"rope_type": self.rope_type, **dict(self.params)}
+        if self.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
+        return out
+
+
+def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)))).astype(np.float32)
+
+
+def _default(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    return _base_inv_freq(rope.theta, dim), 1.0
+
+
+def _linear(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    return _base_inv_freq(rope.theta, dim) / np.float32(rope.param("factor")), 1.0
+
+
+def _llama3(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    factor = rope.param("factor")
+    low_freq_factor, high_freq_factor = rope.param("low_freq_factor"), rope.param("high_freq_factor")
+    old_context_len = rope.param("original_max_position_embeddings")
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are interpolated by `factor`, short ones kept, the band between blended.
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(is_medium, blended, scaled).astype(np.float32), 1.0
+
+
+def _yarn(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
+    original = rope.param("original_max_position_embeddings")
+    factor = rope.param("factor") or max_pos / original
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.param("attention_factor")
+    if attention_factor is None:
+        m, m_all = rope.param("mscale"), rope.param("mscale_all_dim")
+        attention_factor = mscale(factor, m) / mscale(factor, m_all) if (m and m_all) else mscale(factor)
+    beta_fast, beta_slow = rope.param("beta_fast") or 32, rope.param("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rope.param("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+    pos_freqs = np.float32(rope.theta) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (1.0 / pos_freqs) * extrapolation_weight
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+_INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn}
+
+
+def inv_freq_and_scale(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
+    rotary_dim = int(head_dim * rope.partial_rotary_factor)
+    return _INV_FREQ[rope.rope_type](rope, rotary_dim, max_position_embeddings)
+
+
+def rotary_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray, attention_factor: float, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """positions [B, T] → cos, sin [B, T, rotary_dim], computed in float32 then cast (as HF does)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # HF's half-split layout, not interleaved pairs
+    return (jnp.cos(emb) * attention_factor).astype(dtype), (jnp.sin(emb) * attention_factor).astype(dtype)
+
+
+def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """x [B, T, H, D]; cos/sin [B, T, R] with R <= D (partial rotary leaves the tail untouched)."""
+    rotary_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    half = rotary_dim // 2
+    rotated_half = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated_half * sin[:, :, None, :]
+    return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out

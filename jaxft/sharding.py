@@ -1,0 +1,101 @@
+"""Device meshes and the one table from logical axis names to mesh axes.
+
+Every parameter carries logical axis names (`axes` metadata, e.g. ("mlp", "embed")); activations are
+pinned with the same names through `jaxft.models.layers.constrain`. `DEFAULT_RULES` maps them onto
+the mesh axes `data`, `fsdp` and `tensor`:
+
+- data:   batch split, params replicated
+- fsdp:   batch split, params split along `embed` (ZeRO-3 style: gathered per layer as needed)
+- tensor: heads / mlp / vocab split (Megatron style)
+
+A dimension that a mesh axis does not divide stays replicated along that axis, so tiny test models
+and odd head counts still run on any mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxft.models import layers
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+DEFAULT_RULES: Rules = (
+    (layers.Axis.BATCH, ("data", "fsdp")),
+    (layers.Axis.SEQ, None),
+    (layers.Axis.VOCAB, "tensor"),
+    (layers.Axis.EMBED, "fsdp"),
+    (layers.Axis.HEADS, "tensor"),
+    (layers.Axis.KV_HEADS, "tensor"),
+    (layers.Axis.MLP, "tensor"),
+    (layers.Axis.LAYERS, None),
+    (layers.Axis.NORM, None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one entry may be -1 to take the devices left over.
+
+    >>> make_mesh({"fsdp": -1, "tensor": 2})  # on 8 devices: data=1, fsdp=4, tensor=2
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh.shape: unknown axis name(s) {sorted(unknown)}; axes are {MESH_AXES}")
+        sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    else:
+        sizes = [int(s) for s in shape]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"mesh.shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh.shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh.shape {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh.shape {dict(zip(MESH_AXES, sizes))} has {math.prod(sizes)} devices, "
+                         f"but {len(devices)} are available")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        # Keep the mesh axes that exist, are unused by an earlier dim, and divide this one.
+        kept = []
+        for axis in mesh_axes:
+            size = mesh.shape.get(axis, 1)
+            if size > 1 and axis not in used and dim % (size * math.prod(mesh.shape[a] for a in kept)) == 0:
+                kept.append(axis)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Inside this block, models pin activations to the mesh by their logical axis names."""
+    with layers.logical_sharding(lambda axes, shape: named_sharding(axes, shape, mesh, rules)):
+        yield
+
+
+def describe(mesh: Mesh) -> str:
+    return " × ".join(f"{name}={size}" for name, size in mesh.shape.items())

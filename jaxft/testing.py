@@ -1,0 +1,83 @@
+"""Tiny random Hugging Face models for parity tests (needs the `test` extra: torch, transformers).
+
+    folder, torch_model = tiny_hf_model(tmp_path, "qwen2", num_key_value_heads=1)
+
+Weights are seeded and then perturbed, so that norms are not all 1 and biases not all 0: a port
+that forgot a bias or a norm weight would still match an untouched random init.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+# Small enough to run in milliseconds, big enough for GQA (4 query heads over 2 kv heads) and
+# for a head_dim that differs from hidden_size / num_heads where the family allows it.
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+CASES: dict[str, dict[str, Any]] = {
+    "llama3_rope": dict(model_type="llama", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}, rope_theta=500000.0),
+    "llama_linear_rope_mqa": dict(model_type="llama", num_key_value_heads=1,
+                                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama_tied": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "mistral_sliding": dict(model_type="mistral", sliding_window=4, head_dim=24),
+    "qwen2_bias": dict(model_type="qwen2", tie_word_embeddings=True),
+    "qwen2_yarn_sliding": dict(model_type="qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=1,
+                               rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                             "original_max_position_embeddings": 64}),
+    "qwen3": dict(model_type="qwen3", head_dim=32),
+}
+
+
+def tiny_hf_config(case_or_type: str, **overrides):
+    import transformers
+
+    spec = dict(BASE)
+    spec.update(CASES.get(case_or_type, {"model_type": case_or_type}))
+    spec.update(overrides)
+    model_type = spec.pop("model_type")
+    return transformers.AutoConfig.for_model(model_type, **spec)
+
+
+def tiny_hf_model(folder: str | os.PathLike, case_or_type: str = "llama3_rope", seed: int = 0,
+                  dtype: str = "float32", **overrides):
+    """Builds, perturbs and saves a random transformers model; returns (folder, torch model in eval mode)."""
+    import torch
+    import transformers
+
+    config = tiny_hf_config(case_or_type, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model = model.to(getattr(torch, dtype)).eval()
+    model.save_pretrained(folder)
+    return os.fspath(folder), model
+
+
+def padded_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 0):
+    """input_ids, attention_mask, position_ids: row 0 left-padded, row 1 right-padded, row 2 full."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab_size, (batch, length)).astype(np.int32)
+    mask = np.ones((batch, length), np.int32)
+    mask[0, : length // 4] = 0
+    if batch > 1:
+        mask[1, length - length // 3:] = 0
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    return ids, mask, positions
+
+
+def torch_logits(model, ids, mask, positions) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions, dtype=torch.long))
+    return out.logits.float().numpy()
