@@ -1,7 +1,9 @@
 """Hugging Face folders: finding them, reading config.json and weights, writing them back.
 
-Weights are read with safetensors' lazy reader: a tensor (or the slice of it that one device
-needs) is read when asked for, never the whole file. PyTorch pickles (`*.bin`, `*.pt`) can run
+Weights are read lazily from safetensors files: a tensor, or the rows of it that one device needs,
+is read with `pread` straight into the buffer that will hold it, never the whole file. (The
+safetensors package writes our files; for reading we parse its 8-byte-length + JSON header ourselves,
+because its numpy reader always returns a fresh copy, which would double the bytes touched.) PyTorch pickles (`*.bin`, `*.pt`) can run
 code when loaded, so they are refused unless the caller opts in, and then read with
 `torch.load(weights_only=True)`. `trust_remote_code` does not exist here: every family is ours.
 """
@@ -15,10 +17,11 @@ import json
 import os
 import re
 import shutil
+import struct
 from typing import Any, Iterable
 
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -27,6 +30,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorEntry:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+
+def _read_safetensors_header(path: str) -> dict[str, _TensorEntry]:
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > 100 * 2**20:
+            raise ValueError(f"{path}: safetensors header claims {length} bytes; the file is corrupt")
+        try:
+            header = json.loads(f.read(length))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e.msg}") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    for key, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {key!r} {list(shape)} {info['dtype']} has {end - start} bytes")
+        entries[key] = _TensorEntry(os.path.basename(path), dtype, shape, 8 + length + start)
+    return entries
 
 
 class PickleCheckpointError(RuntimeError):
@@ -71,25 +115,23 @@ def read_config(folder: str) -> dict[str, Any]:
 
 
 class Checkpoint(contextlib.AbstractContextManager):
-    """Tensors of an HF folder by key: shapes from headers up front, data read lazily by slice."""
+    """Tensors of an HF folder by key: shapes from headers up front, data read lazily by rows."""
 
     def __init__(self, folder: str, allow_pickle: bool = False):
         self.folder = folder
         self.files: dict[str, str] = {}  # key → file name
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[str, Any] = {}
+        self._entries: dict[str, _TensorEntry] = {}
+        self._fds: dict[str, int] = {}
         self._pickled: dict[str, np.ndarray] | None = None
         safetensors_files = self._safetensors_files()
         if safetensors_files:
             for name in safetensors_files:
-                handle = self._stack.enter_context(safe_open(os.path.join(folder, name), framework="numpy"))
-                self._handles[name] = handle
-                for key in handle.keys():
-                    if key in self.files:
+                for key, entry in _read_safetensors_header(os.path.join(folder, name)).items():
+                    if key in self._entries:
                         raise ValueError(f"{folder}: key {key!r} is in both {self.files[key]} and {name}")
-                    self.files[key] = name
-                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+                    self._entries[key], self.files[key], self.shapes[key] = entry, name, entry.shape
+                self._fds[name] = os.open(os.path.join(folder, name), os.O_RDONLY)
             return
         pickles = sorted({os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(folder, pat))})
         if not pickles:
@@ -126,21 +168,42 @@ class Checkpoint(contextlib.AbstractContextManager):
                 self.files[key] = name
                 self.shapes[key] = tuple(array.shape)
 
-    def read(self, key: str, index: tuple = ()) -> np.ndarray:
-        """The tensor `key`, or only `tensor[index]`, read from disk now."""
-        if self._pickled is not None:
-            return self._pickled[key][index]
-        tensor_slice = self._handles[self.files[key]].get_slice(key)
-        return tensor_slice[index] if index else tensor_slice[:]
+    def read(self, key: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
+        """`tensor[index]` read from disk now: only the rows that `index[0]` selects are read.
 
-    def dtype(self, key: str) -> str:
+        With `out`, the result is written there (converting dtype) and `out` is returned.
+        """
         if self._pickled is not None:
-            return str(self._pickled[key].dtype)
-        return self._handles[self.files[key]].get_slice(key).get_dtype()
+            result = self._pickled[key][index]
+        else:
+            entry = self._entries[key]
+            rows = index[0] if index else slice(None)
+            first, stop, step = rows.indices(entry.shape[0]) if entry.shape else (0, 1, 1)
+            row_shape = entry.shape[1:]
+            row_bytes = int(np.prod(row_shape)) * entry.dtype.itemsize
+            # Read straight into `out` when nothing is left to slice and no conversion is needed.
+            direct = (out is not None and out.dtype == entry.dtype and step == 1 and out.flags.c_contiguous
+                      and all(s == slice(None) for s in index[1:]))
+            buffer = out if direct else np.empty(((stop - first) if entry.shape else 1, *row_shape), entry.dtype)
+            view = memoryview(buffer.reshape(-1).view(np.uint8))
+            offset = entry.offset + first * row_bytes
+            while view.nbytes:  # pread may return fewer bytes than asked
+                n = os.preadv(self._fds[entry.file], [view], offset)
+                if n == 0:
+                    raise IOError(f"{self.folder}/{entry.file}: unexpected end of file reading {key!r}")
+                view, offset = view[n:], offset + n
+            if direct:
+                return out
+            result = buffer[(slice(None, None, step), *index[1:])] if entry.shape else buffer.reshape(())
+        if out is None:
+            return result
+        out[...] = result
+        return out
 
     def __exit__(self, *exc) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickled = None
 
 

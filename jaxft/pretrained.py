@@ -72,6 +72,7 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
                          checkpoint.shapes, checkpoint.files, family.convert.ignored_keys(config))
         loaded = {rule.param: _load_param(checkpoint, rule, params[rule.param], place(params[rule.param]),
                                           config.num_hidden_layers) for rule in rules_table}
+        jax.block_until_ready(list(loaded.values()))  # host buffers must outlive their transfers
     state = nnx.from_flat_state([(tuple(p.split(".")), params[p].replace(value=loaded[p])) for p in params])
     model = nnx.merge(graphdef, state)
     model.source = source
@@ -89,16 +90,13 @@ def _load_param(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable
         cache_key = tuple((s.start, s.stop, s.step) for s in index)
         if cache_key in cache:
             return cache[cache_key]
-        if rule.stacked:  # index[0] picks layers; read each layer's slice into one buffer
-            layers = range(num_layers)[index[0]]
-            rest = index[1:]
-            first = checkpoint.read(keys[layers[0]], rest)
-            out = np.empty((len(layers), *first.shape), dtype)
-            out[0] = first
-            for j, layer in enumerate(layers[1:], start=1):
-                out[j] = checkpoint.read(keys[layer], rest)
+        shard_shape = tuple(len(range(n)[i]) for n, i in zip(variable.shape, index))
+        out = np.empty(shard_shape, dtype)
+        if rule.stacked:  # index[0] picks layers: each layer's slice is read into its row of `out`
+            for row, layer in enumerate(range(num_layers)[index[0]]):
+                checkpoint.read(keys[layer], index[1:], out=out[row])
         else:
-            out = checkpoint.read(keys[0], index).astype(dtype, copy=False)
+            checkpoint.read(keys[0], index, out=out)
         cache[cache_key] = out
         return out
 
