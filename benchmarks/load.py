@@ -24,7 +24,9 @@ import time
 
 import numpy as np
 
-HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
+# Llama-shaped presets: hidden, intermediate, heads, kv heads, vocab.
+PRESETS = {"llama-2048": (2048, 5632, 16, 4, 32000), "tiny": (128, 256, 4, 2, 1000)}
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = PRESETS["llama-2048"]
 
 
 def llama_config(num_layers: int) -> dict:
@@ -166,7 +168,8 @@ def _in_subprocess(flag: str, folder: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
-    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-2048", help="tensor shapes")
+    parser.add_argument("--files", type=int, default=4, help="about this many weight files (split at tensor boundaries)")
     parser.add_argument("--dir", help="where to write the checkpoint (default: a temp folder, removed after)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
     parser.add_argument("--out", help="also write the JSON here")
@@ -180,6 +183,8 @@ def main() -> None:
         print(json.dumps(measure_floor(args._floor)))
         return
 
+    global HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB
+    HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = PRESETS[args.preset]
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         num_layers = layers_for_size(args.size_gb * 1e9)
         info = write_checkpoint(folder, num_layers, args.files)
@@ -195,7 +200,7 @@ def main() -> None:
     overhead = growth - (best["param_bytes"] if on_host else 0)
     result = {
         "benchmark": "load", "date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpus": os.cpu_count(),
-        "device": best["device"], "backend": best["backend"], "num_layers": num_layers, **info,
+        "device": best["device"], "backend": best["backend"], "preset": args.preset, "num_layers": num_layers, **info,
         "raw_read_seconds": raw_seconds, "raw_read_gb_per_s": size / raw_seconds / 1e9,
         "raw_read_into_reused_buffer_gb_per_s": size / warm_seconds / 1e9,
         "load_seconds": best["load_seconds"], "load_gb_per_s": size / best["load_seconds"] / 1e9,

@@ -9,6 +9,7 @@ parameter's shard, not the model, and on a multi-host mesh each host reads only 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxft import hf, sharding
 from jaxft.models import registry
@@ -79,28 +80,55 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
     return model
 
 
-def _load_param(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable, target: jax.sharding.Sharding,
+def _load_param(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable, target: NamedSharding | SingleDeviceSharding,
                 num_layers: int) -> jax.Array:
-    """One parameter, built shard by shard from the checkpoint slices each device holds."""
+    """One parameter, built shard by shard from the checkpoint slices each device holds.
+
+    A param stacked over layers is assembled on the device one layer at a time, so the host holds
+    at most one layer's shard at once, never the whole stack.
+    """
     dtype = np.dtype(variable.dtype)
-    keys = rule.hf_keys(num_layers)
+    if not rule.stacked:
+        return _array_from_tensor(checkpoint, rule.hf, tuple(variable.shape), dtype, target)
+    layer_target = _drop_leading_axis(target)
+    stacked = _zeros(tuple(variable.shape), dtype, target)
+    for layer, key in enumerate(rule.hf_keys(num_layers)):
+        one_layer = _array_from_tensor(checkpoint, key, tuple(variable.shape[1:]), dtype, layer_target)
+        stacked = _set_layer(stacked, one_layer, layer)
+    return stacked
+
+
+def _array_from_tensor(checkpoint: hf.Checkpoint, key: str, shape: tuple[int, ...], dtype: np.dtype,
+                       target: jax.sharding.Sharding) -> jax.Array:
     cache: dict[Any, np.ndarray] = {}  # replicated shards ask for the same slice on every device
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         cache_key = tuple((s.start, s.stop, s.step) for s in index)
-        if cache_key in cache:
-            return cache[cache_key]
-        shard_shape = tuple(len(range(n)[i]) for n, i in zip(variable.shape, index))
-        out = np.empty(shard_shape, dtype)
-        if rule.stacked:  # index[0] picks layers: each layer's slice is read into its row of `out`
-            for row, layer in enumerate(range(num_layers)[index[0]]):
-                checkpoint.read(keys[layer], index[1:], out=out[row])
-        else:
-            checkpoint.read(keys[0], index, out=out)
-        cache[cache_key] = out
-        return out
+        if cache_key not in cache:
+            out = np.empty(tuple(len(range(n)[i]) for n, i in zip(shape, index)), dtype)
+            cache[cache_key] = checkpoint.read(key, index, out=out)
+        return cache[cache_key]
 
-    return jax.make_array_from_callback(tuple(variable.shape), target, read)
+    return jax.make_array_from_callback(shape, target, read)
+
+
+def _drop_leading_axis(target):
+    if isinstance(target, NamedSharding):
+        if target.spec and target.spec[0] is not None:
+            raise ValueError(f"the layer axis cannot be sharded (spec {target.spec}); map 'layers' to None in the rules")
+        return NamedSharding(target.mesh, PartitionSpec(*target.spec[1:]))
+    return target
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zeros(shape, dtype, target):
+    return jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), target)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
+    # Donated, so the stack is updated in place rather than copied once per layer.
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, axis=0)
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, max_shard_size: int = 2 * 2**30,

@@ -1,0 +1,67 @@
+"""Greedy generation matches transformers; the CLI's commands run end to end."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import jaxft
+from jaxft import cli
+from jaxft.demo import MODEL_DIR
+from jaxft.generate import greedy_generate
+from jaxft.testing import tiny_hf_model
+
+
+@pytest.mark.parametrize("case", ["llama3_rope", "qwen3"])
+def test_greedy_generation_matches_transformers(tmp_path, case):
+    folder, torch_model = tiny_hf_model(tmp_path, case)
+    model = jaxft.from_pretrained(folder)
+    prompts = [[5, 17, 42, 99, 3], [8, 1, 64]]  # different lengths: rows stop at their own ends
+    got = greedy_generate(model, prompts, max_new_tokens=8)
+    for prompt, continuation in zip(prompts, got):
+        with torch.no_grad():
+            expected = torch_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert continuation == expected
+
+
+def test_generation_stops_at_eos(tmp_path):
+    folder, _ = tiny_hf_model(tmp_path, "llama3_rope")
+    model = jaxft.from_pretrained(folder)
+    free = greedy_generate(model, [[5, 17, 42]], max_new_tokens=6)[0]
+    eos = free[2]  # pretend the third generated token is EOS
+    stopped = greedy_generate(model, [[5, 17, 42]], max_new_tokens=6, eos_id=eos)[0]
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_demo_command_runs_on_the_bundled_model(capsys):
+    assert cli.main(["demo", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Loaded the bundled demo model (llama, 2 layers" in out
+    assert "logits [1, " in out and "Greedy continuation" in out
+
+
+def test_info_and_generate_commands(capsys):
+    assert cli.main(["info", "--model", MODEL_DIR]) == 0
+    assert "family     llama: 2 layers" in capsys.readouterr().out
+    assert cli.main(["generate", "--model", MODEL_DIR, "--prompt", "The river", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The river")
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "jaxft.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "demo" in out.stdout and "generate" in out.stdout
+
+
+def test_bundled_demo_model_is_a_valid_hf_folder():
+    import transformers
+
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    ids = tokenizer("The river runs", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = hf_model(ids).logits.numpy()
+    got = np.asarray(jaxft.from_pretrained(MODEL_DIR)(ids.numpy()))
+    assert np.abs(got - expected).max() <= 1e-4
