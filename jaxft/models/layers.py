@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import zlib
 from typing import Callable, Sequence
 
 import jax
@@ -33,7 +34,12 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], dtype, axes: 
 
 
 class Linear(nnx.Module):
-    """y = x Wᵀ + b with W stored [out, in] as in PyTorch; the matmul runs in the compute dtype."""
+    """y = x Wᵀ + b with W stored [out, in] as in PyTorch; the matmul runs in the compute dtype.
+
+    `adapter` is where parameter-efficient methods plug in (jaxft.peft sets it; models never do):
+    called as `adapter(x, y, self)` with the input, the base output and this layer, it returns the
+    output to use instead.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
                  param_dtype, dtype, rngs: nnx.Rngs):
@@ -41,11 +47,14 @@ class Linear(nnx.Module):
         self.weight = param(rngs, init, (out_features, in_features), param_dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros_init(), (out_features,), param_dtype, axes[:1]) if use_bias else None
         self.dtype = dtype
+        self.adapter = nnx.data(None)  # a data slot: an adapter module may be set here later
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.adapter is not None:
+            y = self.adapter(x, y, self)
         return y
 
 
@@ -93,13 +102,46 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
 def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable):
     """carry = body(layer, carry, per_layer_input) for each layer of `stacked`, under lax.scan."""
     graphdef, state = nnx.split(stacked)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
 
     def step(carry, xs):
-        layer_state, layer_input = xs
-        return body(nnx.merge(graphdef, layer_state), carry, layer_input), None
+        layer_state, layer_input, index = xs
+        with _layer_rng(index):  # each layer draws its own dropout masks
+            return body(nnx.merge(graphdef, layer_state), carry, layer_input), None
 
-    carry, _ = jax.lax.scan(step, carry, (state, per_layer_inputs))
+    carry, _ = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers)))
     return carry
+
+
+# --- dropout randomness --------------------------------------------------------------------------
+# Training code opens `dropout_rng(key)` around the forward pass; modules that drop out (LoRA
+# dropout) call `dropout_key(salt)`, which is None outside that block (evaluation: no dropout).
+_DROPOUT_KEY: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("jaxft_dropout_key", default=None)
+
+
+@contextlib.contextmanager
+def dropout_rng(key: jax.Array | None):
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
+@contextlib.contextmanager
+def _layer_rng(index):
+    key = _DROPOUT_KEY.get()
+    with dropout_rng(None if key is None else jax.random.fold_in(key, index)):
+        yield
+
+
+def dropout_key(salt: str) -> jax.Array | None:
+    """A key for one dropout site: distinct per layer (inside scan_layers) and per `salt` (e.g. the
+    module path), and None when no dropout_rng block is open."""
+    key = _DROPOUT_KEY.get()
+    if key is None:
+        return None
+    return jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
 
 
 # --- activation sharding -------------------------------------------------------------------------
