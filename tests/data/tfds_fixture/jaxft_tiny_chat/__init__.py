@@ -1,0 +1,1 @@
+"""A tiny TFDS dataset for the data tests (built locally as array_record; no TensorFlow)."""
