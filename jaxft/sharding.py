@@ -19,6 +19,7 @@ import math
 from typing import Iterator, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.models import layers
@@ -99,3 +100,58 @@ def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
 
 def describe(mesh: Mesh) -> str:
     return " × ".join(f"{name}={size}" for name, size in mesh.shape.items())
+
+
+# --- training state and batches ------------------------------------------------------------------
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    """[batch, seq] arrays: rows split over the data-parallel axes (data and fsdp)."""
+    batch_axes = dict(rules)[layers.Axis.BATCH]
+    return NamedSharding(mesh, PartitionSpec(batch_axes, None))
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+    axes = dict(rules)[layers.Axis.BATCH]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
+def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+    """Fails before compiling when the batch cannot be split evenly, with the numbers."""
+    dp = data_parallel_size(mesh, rules)
+    if global_batch % grad_accum:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by train.grad_accum={grad_accum}")
+    micro = global_batch // grad_accum
+    if micro % dp:
+        raise ValueError(f"micro-batch of {micro} sequences (train.batch_size={global_batch} / grad_accum="
+                         f"{grad_accum}) is not divisible by the data-parallel size {dp} ({describe(mesh)})")
+    if global_batch % jax.process_count():
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes")
+
+
+def param_shardings(axes: Mapping[str, tuple], shapes: Mapping[str, tuple], mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> dict[str, NamedSharding]:
+    return {path: named_sharding(axes[path], shapes[path], mesh, rules) for path in shapes}
+
+
+def state_shardings(state, optimizer, axes: Mapping[str, tuple], mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Shardings for a jaxft.step.TrainState: params by their axes, optimizer moments like their
+    params (optax.tree_map_params finds them), everything else replicated."""
+    import optax
+
+    shape = lambda tree: {path: tuple(x.shape) for path, x in tree.items()}  # noqa: E731
+    params = param_shardings(axes, shape(state.params), mesh, rules)
+    frozen = param_shardings(axes, shape(state.frozen), mesh, rules)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, params,
+                                transform_non_params=lambda _: replicated(mesh),
+                                is_leaf=lambda x: isinstance(x, NamedSharding))
+    return state.replace(step=replicated(mesh), params=params, frozen=frozen, opt_state=opt, rng=replicated(mesh))
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+    """This process's rows → global arrays sharded over the mesh (each host feeds only its shard)."""
+    sharding = batch_sharding(mesh, rules)
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local_batch.items()}

@@ -81,3 +81,17 @@ def torch_logits(model, ids, mask, positions) -> np.ndarray:
         out = model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
                     position_ids=torch.as_tensor(positions, dtype=torch.long))
     return out.logits.float().numpy()
+
+
+def train_batch(vocab: int, batch: int = 8, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """Right-padded rows with next-token targets and a partial loss mask (prompt tokens untrained)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (batch, length + 1)).astype(np.int32)
+    lengths = rng.randint(length // 2, length + 1, batch)
+    attention = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    loss_mask = attention.astype(np.float32)
+    loss_mask[:, :3] = 0.0  # a "prompt" whose targets are not trained
+    loss_mask[:, :][np.arange(length)[None] >= (lengths - 1)[:, None]] = 0.0  # no target past the row's end
+    positions = np.maximum(np.cumsum(attention, 1) - 1, 0).astype(np.int32)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask, "attention_mask": attention,
+            "positions": positions, "segment_ids": attention.copy()}

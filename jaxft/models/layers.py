@@ -99,7 +99,16 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return nnx.merge(graphdef, state)
 
 
-def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable):
+# What the backward pass may keep from each layer's forward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep everything: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only layer inputs
+    "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
     """carry = body(layer, carry, per_layer_input) for each layer of `stacked`, under lax.scan."""
     graphdef, state = nnx.split(stacked)
     num_layers = jax.tree.leaves(state)[0].shape[0]
@@ -108,6 +117,9 @@ def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable):
         layer_state, layer_input, index = xs
         with _layer_rng(index):  # each layer draws its own dropout masks
             return body(nnx.merge(graphdef, layer_state), carry, layer_input), None
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     carry, _ = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers)))
     return carry

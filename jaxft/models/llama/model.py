@@ -105,6 +105,7 @@ class LlamaForCausalLM(nnx.Module):
         inv_freq, self.rope_attention_factor = inv_freq_and_scale(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static: not a parameter, never trained
         self.windows = tuple(attn_lib.NO_WINDOW if w is None else w for w in cfg.sliding_windows)
+        self.remat = "none"  # a layers.REMAT_POLICIES key; training sets it
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         """Final-norm hidden states [B, T, D]: what losses that avoid full logits (chunked CE) need."""
@@ -116,7 +117,7 @@ class LlamaForCausalLM(nnx.Module):
         x = constrain(self.model.embed_tokens(input_ids), (Axis.BATCH, Axis.SEQ, Axis.EMBED))
         windows = jnp.asarray(self.windows, jnp.int32)  # [L]: scanned alongside the layer params
         x = scan_layers(self.model.layers, x, windows,
-                        lambda layer, x, window: layer(x, cos, sin, mask, window))
+                        lambda layer, x, window: layer(x, cos, sin, mask, window), remat=self.remat)
         return self.model.norm(x)
 
     def logits(self, hidden):
