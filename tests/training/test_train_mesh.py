@@ -105,3 +105,20 @@ def test_batch_errors_name_the_numbers():
         sharding.check_batch(10, 4, mesh)
     with pytest.raises(ValueError, match=r"has 16 devices, but 8 are available"):
         sharding.make_mesh({"data": 4, "fsdp": 4})
+
+
+def test_train_step_program_does_not_grow_with_depth():
+    """Layers are scanned: the compiled program for 16 layers is the size of the one for 2."""
+    from jaxft.testing import train_batch as batch_of
+
+    sizes = {}
+    for layers in (2, 16):
+        model = jaxft.init_random({"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 48,
+                                   "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2})
+        model_def, params, frozen = step.split_model(model, remat="full")
+        optimizer = optim.make_optimizer(CFG, params, model_def.axes)
+        state = step.init_state(params, frozen, optimizer)
+        data = {k: jnp.asarray(v) for k, v in batch_of(128, batch=2).items()}
+        text = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat="full"))).lower(state, data).as_text()
+        sizes[layers] = len(text.replace(str(layers), ""))
+    assert abs(sizes[16] - sizes[2]) <= 0.02 * sizes[2], sizes
