@@ -120,5 +120,5 @@ def test_train_step_program_does_not_grow_with_depth():
         state = step.init_state(params, frozen, optimizer)
         data = {k: jnp.asarray(v) for k, v in batch_of(128, batch=2).items()}
         text = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat="full"))).lower(state, data).as_text()
-        sizes[layers] = len(text.replace(str(layers), ""))
-    assert abs(sizes[16] - sizes[2]) <= 0.02 * sizes[2], sizes
+        sizes[layers] = text.count("\n")  # one op per line
+    assert sizes[16] == sizes[2], sizes
