@@ -1,5 +1,7 @@
 """The `jaxft` command.
 
+    jaxft train --config configs/demo.py [--config.KEY=VALUE ...]
+    jaxft export --workdir DIR --out OUT --format hf|peft [--step N] [--dtype bfloat16]
     jaxft demo                                  # load the bundled tiny model, show logits + a generation
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
@@ -82,9 +84,45 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args, overrides: list[str]) -> int:
+    import logging
+
+    from jaxft import config as config_lib
+    from jaxft.train import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = config_lib.load(args.config, overrides)
+    summary = train(config)
+    print(f"trained to step {summary['step']} in {summary['workdir']}"
+          + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else "")
+          + (" (stopped early on a signal; run again to continue)" if summary["stopped_early"] else ""))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jaxft import export
+
+    out = export.export(args.workdir, args.out, format=args.format, step=args.step, dtype=args.dtype)
+    print(f"wrote {args.format} export to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune open LLMs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune: --config configs/NAME.py[:ARG] [--config.KEY=VALUE ...]")
+    train.add_argument("--config", required=True, help="a config file (get_config(arg)), optionally :ARG")
+    train.set_defaults(run=cmd_train)
+
+    export = commands.add_parser("export", help="write a run's checkpoint as an HF folder or a PEFT adapter")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--format", choices=["hf", "peft"], default="hf")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="weights' dtype in the export (default: the model's)")
+    export.set_defaults(run=cmd_export)
 
     demo = commands.add_parser("demo", help="run the bundled tiny model (no download)")
     demo.add_argument("--prompt", default="The baker opens the shop and")
@@ -103,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     generate.set_defaults(run=cmd_generate)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        unknown = [a for a in extra if not a.startswith("--config.")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")
+        return args.run(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.run(args)
 
 

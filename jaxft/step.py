@@ -33,6 +33,7 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
     z_loss: float = 0.0  # weight of mean(logsumexp²): keeps logits from drifting (PaLM)
     remat: str = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
+    skip_nonfinite: bool = False  # a step with a non-finite loss or gradient leaves params and optimizer as they were
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -149,8 +150,13 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
             (grads, nll, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(k)))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": nll / num_targets, "z_loss": z / num_targets, "grad_norm": optax.tree.norm(grads),
-                   "num_targets": num_targets}
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+        if cfg.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = {"loss": nll / num_targets, "z_loss": z / num_targets, "grad_norm": grad_norm,
+                   "num_targets": num_targets, "finite": finite}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

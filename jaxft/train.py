@@ -1,0 +1,248 @@
+"""The training loop, top to bottom: setup → restore → loop (log, eval, save) → finish.
+
+    jaxft train --config configs/demo.py --config.train.steps=50
+    python -c "import jaxft.train, jaxft.config as c; cfg = c.default_config(); ...; jaxft.train.train(cfg)"
+
+Writes into `config.workdir`: metrics.jsonl (one JSON row per logged step: step, loss,
+learning_rate, tokens_per_second, grad_norm; eval rows carry eval_loss) and checkpoints/.
+SIGTERM or SIGINT finishes the current step, saves, waits for the write, and returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxft import checkpoint as ckpt_lib
+from jaxft import config as config_lib
+from jaxft import distributed, hf, optim, sharding, step
+from jaxft.pretrained import from_pretrained
+
+log = logging.getLogger("jaxft.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a non-finite loss or gradient and train.on_nonfinite is "abort"."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume from was made with a different model, data, or batch setup."""
+
+
+def train(config) -> dict[str, Any]:
+    """Runs (or resumes) the training described by `config`; returns a summary dict."""
+    # ---- setup ----------------------------------------------------------------------------------
+    config_lib.validate(config)
+    distributed.initialize(config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id)
+    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh)
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    source = hf.resolve(config.model.path, config.model.revision)
+
+    from transformers import AutoTokenizer
+
+    from jaxft.data import DataPipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    pipeline = DataPipeline(config, tokenizer)
+
+    model = from_pretrained(source.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh)
+    trainable = _trainable_filter(model, config)
+    model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
+    optim_cfg = optim.OptimConfig(
+        name=config.train.optimizer, learning_rate=config.train.learning_rate, schedule=config.train.schedule,
+        warmup_steps=config.train.warmup_steps, total_steps=config.train.steps,
+        weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm or None)
+    optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
+    step_cfg = step.StepConfig(grad_accum=config.train.grad_accum, z_loss=config.train.z_loss,
+                               remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip")
+    train_step = step.make_train_step(model_def, optimizer, step_cfg, optim.make_schedule(optim_cfg))
+    state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
+    compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
+    state = jax.device_put(state, state_shardings)
+    eval_step = jax.jit(step.make_eval_step(model_def))
+
+    plain_config = config_lib.to_plain(config)
+    meta = {"config": plain_config, "jaxft_version": _version(),
+            "base": {"path": source.path, "repo_id": source.repo_id, "revision": source.revision,
+                     "fingerprint": ckpt_lib.base_fingerprint(source.path)},
+            "trainable": sorted(state.params)}
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                                         keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
+
+    # ---- restore: the one resume policy ---------------------------------------------------------
+    saved_shardings = _saved(state_shardings)
+    start_step, restored, data_state = resume(checkpointer, config, meta, ckpt_lib.abstract_target(_saved(state), saved_shardings))
+    if restored is not None:
+        state = state.replace(**restored)
+    batches = pipeline.train_iterator()
+    if data_state:
+        batches.set_state(data_state)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_metrics(metrics_path, after_step=start_step)  # rows a killed run logged past its last save
+
+    # ---- loop -----------------------------------------------------------------------------------
+    stop = _StopRequest()
+    last_eval = None
+    step_index = start_step
+    with stop.installed(), sharding.activate(mesh), open(metrics_path, "a") as metrics_file:
+        while step_index < config.train.steps:
+            started = time.perf_counter()
+            local = next(batches)
+            state, metrics = compiled_step(state, sharding.global_batch(local, mesh))
+            step_index += 1
+            if config.train.on_nonfinite == "abort" and not bool(metrics["finite"]):
+                metrics_file.flush()
+                raise NonFiniteLossError(f"step {step_index}: loss {float(metrics['loss'])} / grad_norm "
+                                         f"{float(metrics['grad_norm'])} is not finite; nothing was saved for this step "
+                                         "(set train.on_nonfinite=skip to drop such updates instead)")
+            if step_index % config.train.log_every == 0 or step_index == config.train.steps:
+                tokens = int(np.sum(local["attention_mask"])) * jax.process_count()
+                seconds = time.perf_counter() - started
+                _write(metrics_file, {"step": step_index, "loss": float(metrics["loss"]),
+                                      "learning_rate": float(metrics["learning_rate"]),
+                                      "grad_norm": float(metrics["grad_norm"]),
+                                      "tokens_per_second": tokens / seconds, "finite": bool(metrics["finite"])})
+            at_end = step_index == config.train.steps
+            eval_loss = None
+            if (config.train.eval_every and step_index % config.train.eval_every == 0) or at_end:
+                eval_loss = last_eval = evaluate(eval_step, state, pipeline, mesh)
+                if eval_loss is not None:
+                    _write(metrics_file, {"step": step_index, "eval_loss": eval_loss})
+            stopping = stop.requested()
+            if step_index % config.checkpoint.every == 0 or at_end or stopping:
+                checkpointer.save(step_index, _saved(state), batches.get_state(), {**meta, "step": step_index},
+                                  eval_loss=eval_loss, force=True)
+            if stopping:
+                log.warning("stop requested: saved step %d, exiting", step_index)
+                break
+
+    # ---- finish ---------------------------------------------------------------------------------
+    checkpointer.close()
+    batches.close()
+    return {"step": step_index, "stopped_early": step_index < config.train.steps, "eval_loss": last_eval,
+            "workdir": workdir, "resumed_from": start_step}
+
+
+def _trainable_filter(model, config):
+    if config.lora.rank:
+        from jaxft.peft import lora
+
+        targets = config.lora.targets if isinstance(config.lora.targets, str) else tuple(config.lora.targets)
+        lora.apply_lora(model, lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
+                                               dropout=config.lora.dropout, targets=targets,
+                                               use_rslora=config.lora.use_rslora, use_dora=config.lora.use_dora),
+                        seed=config.train.seed)
+        return lora.is_lora_param
+    frozen = optim.frozen_by_pattern
+    patterns = tuple(config.train.freeze)
+    return lambda path, variable: not frozen([path], patterns)
+
+
+def resume(checkpointer: ckpt_lib.Checkpointer, config, meta: dict, target) -> tuple[int, dict | None, dict | None]:
+    """Where a run starts, decided in this one place:
+    1. a checkpoint in this run's workdir (the run was interrupted: continue it);
+    2. else `checkpoint.resume_from`, another run's workdir (warm start from its newest checkpoint);
+    3. else the base model, step 0.
+    A checkpoint made with a different model, data, sequence length or batch size is refused,
+    listing what changed, unless `checkpoint.allow_changes`.
+    """
+    source = checkpointer
+    if not checkpointer.steps():
+        if not config.checkpoint.resume_from:
+            return 0, None, None
+        source = ckpt_lib.Checkpointer(os.path.join(config.checkpoint.resume_from, "checkpoints"), read_only=True)
+    step_index, restored, data_state, saved_meta = source.restore(target)
+    changes = ckpt_lib.config_changes(saved_meta["config"], meta["config"])
+    if saved_meta["base"]["fingerprint"] != meta["base"]["fingerprint"]:
+        changes.append(f"base weights fingerprint: {saved_meta['base']['fingerprint']} → {meta['base']['fingerprint']}")
+    if changes and not config.checkpoint.allow_changes:
+        raise ResumeMismatchError(f"checkpoint {source.directory}/{step_index} was made by a different run:\n  "
+                                  + "\n  ".join(changes) + "\nset checkpoint.allow_changes=True to resume anyway, "
+                                  "or use a new workdir")
+    if changes:
+        log.warning("resuming despite changes (checkpoint.allow_changes): %s", "; ".join(changes))
+        data_state = None  # the data changed: its saved position means nothing now
+    log.info("resuming from %s at step %d", source.directory, step_index)
+    return step_index, restored, data_state
+
+
+def evaluate(eval_step, state, pipeline, mesh) -> float | None:
+    batches = pipeline.validation_batches()
+    if not batches:
+        return None
+    nll, targets = 0.0, 0.0
+    for batch in batches:
+        out = eval_step(state.params, state.frozen, sharding.global_batch(batch, mesh))
+        nll += float(out["nll_sum"])
+        targets += float(out["num_targets"])
+    return nll / max(targets, 1.0)
+
+
+def _saved(state):
+    """What a checkpoint holds: everything but the frozen base, which is reloaded from its folder."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _write(file, row: dict) -> None:
+    if jax.process_index() == 0:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+
+
+def _truncate_metrics(path: str, after_step: int) -> None:
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= after_step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT → finish the step, save, exit. All processes stop at the same step."""
+
+    def __init__(self):
+        self._flag = False
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handlers():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        return handlers()
+
+    def _handle(self, signum, frame):
+        self._flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
+
+
+def _version() -> str:
+    import jaxft
+
+    return jaxft.__version__
