@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -58,6 +59,7 @@ class Checkpointer:
             preservation_policy=preservation_policy.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, read_only=read_only,
             create=not read_only)
+        self.read_only = read_only
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def steps(self) -> list[int]:
@@ -95,9 +97,20 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
                 if step is not None:
                     raise
-                log.warning("skipping checkpoint %s: it cannot be read (%s: %s)",
-                            os.path.join(self.directory, str(candidate)), type(e).__name__, str(e)[:300])
+                path = os.path.join(self.directory, str(candidate))
+                log.warning("skipping checkpoint %s: it cannot be read (%s: %s)", path, type(e).__name__, str(e)[:300])
+                self._set_aside(path)
         raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {candidates})")
+
+    def _set_aside(self, path: str) -> None:
+        """Renames an unreadable checkpoint out of the way (kept for inspection, never deleted), so
+        the resumed run can save that step again."""
+        if self.read_only or jax.process_index() != 0:
+            return
+        aside = f"{path}.unreadable-{int(time.time())}"
+        os.rename(path, aside)
+        log.warning("moved it to %s", aside)
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

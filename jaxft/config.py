@@ -157,12 +157,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(bool(config.model.path), "model.path is empty: give an HF folder or hub id")
     need(config.model.dtype in ("float32", "bfloat16"), f"model.dtype {config.model.dtype!r} must be float32 or bfloat16")
     need(config.train.steps > 0, f"train.steps must be > 0, got {config.train.steps}")
+    need(config.train.warmup_steps <= config.train.steps,
+         f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}")
     need(config.train.batch_size > 0, f"train.batch_size must be > 0, got {config.train.batch_size}")
     need(config.train.on_nonfinite in ("abort", "skip"), f"train.on_nonfinite {config.train.on_nonfinite!r} must be abort or skip")
     need(config.lora.rank >= 0, f"lora.rank must be >= 0, got {config.lora.rank}")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")
+
+
+def from_plain(values: dict) -> ml_collections.ConfigDict:
+    """The inverse of to_plain: a saved config (checkpoint meta) back into a ConfigDict."""
+    config = default_config()
+    _update(config, values)
+    return config
+
+
+def _update(node: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
+    for key, value in values.items():
+        if key not in node:
+            raise KeyError(_unknown(prefix + key, default_config()))
+        if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict) and prefix + key not in _DICT_VALUED:
+            _update(node[key], value, prefix + key + ".")
+        else:
+            node[key] = tuple(value) if isinstance(node[key], tuple) and isinstance(value, list) else value
 
 
 def to_plain(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -10,6 +10,7 @@ SIGTERM or SIGINT finishes the current step, saves, waits for the write, and ret
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -55,21 +56,8 @@ def train(config) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source.path)
     pipeline = DataPipeline(config, tokenizer)
 
-    model = from_pretrained(source.path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh)
-    trainable = _trainable_filter(model, config)
-    model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
-    optim_cfg = optim.OptimConfig(
-        name=config.train.optimizer, learning_rate=config.train.learning_rate, schedule=config.train.schedule,
-        warmup_steps=config.train.warmup_steps, total_steps=config.train.steps,
-        weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm or None)
-    optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
-    step_cfg = step.StepConfig(grad_accum=config.train.grad_accum, z_loss=config.train.z_loss,
-                               remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip")
-    train_step = step.make_train_step(model_def, optimizer, step_cfg, optim.make_schedule(optim_cfg))
-    state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
-    compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
-    state = jax.device_put(state, state_shardings)
-    eval_step = jax.jit(step.make_eval_step(model_def))
+    run = build(config, mesh, source.path)
+    state, compiled_step, eval_step = run.state, run.compiled_step, run.eval_step
 
     plain_config = config_lib.to_plain(config)
     meta = {"config": plain_config, "jaxft_version": _version(),
@@ -80,7 +68,7 @@ def train(config) -> dict[str, Any]:
                                          keep_best=config.checkpoint.keep_best, async_save=config.checkpoint.async_save)
 
     # ---- restore: the one resume policy ---------------------------------------------------------
-    saved_shardings = _saved(state_shardings)
+    saved_shardings = _saved(run.state_shardings)
     start_step, restored, data_state = resume(checkpointer, config, meta, ckpt_lib.abstract_target(_saved(state), saved_shardings))
     if restored is not None:
         state = state.replace(**restored)
@@ -131,6 +119,60 @@ def train(config) -> dict[str, Any]:
     batches.close()
     return {"step": step_index, "stopped_early": step_index < config.train.steps, "eval_loss": last_eval,
             "workdir": workdir, "resumed_from": start_step}
+
+
+@dataclasses.dataclass
+class Run:
+    """What a config builds: the model split into static def + params, its optimizer and steps."""
+
+    model_def: step.ModelDef
+    optimizer: Any
+    state: step.TrainState  # placed on the mesh
+    state_shardings: Any
+    compiled_step: Any
+    eval_step: Any
+
+
+def build(config, mesh, model_path: str) -> Run:
+    """The model (with LoRA if configured), optimizer, train state and compiled steps for `mesh`."""
+    model = from_pretrained(model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh)
+    trainable = _trainable_filter(model, config)
+    model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
+    optim_cfg = optim.OptimConfig(
+        name=config.train.optimizer, learning_rate=config.train.learning_rate, schedule=config.train.schedule,
+        warmup_steps=config.train.warmup_steps, total_steps=config.train.steps,
+        weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm or None)
+    optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
+    step_cfg = step.StepConfig(grad_accum=config.train.grad_accum, z_loss=config.train.z_loss,
+                               remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip")
+    train_step = step.make_train_step(model_def, optimizer, step_cfg, optim.make_schedule(optim_cfg))
+    state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
+    compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
+    return Run(model_def=model_def, optimizer=optimizer, state=jax.device_put(state, state_shardings),
+               state_shardings=state_shardings, compiled_step=compiled_step,
+               eval_step=jax.jit(step.make_eval_step(model_def)))
+
+
+def restore_run(workdir: str, step_index: int | None = None, mesh=None, config=None) -> tuple[Run, int, dict]:
+    """A run's checkpoint restored onto `mesh` (default: one device): (Run, step, meta).
+
+    The state is rebuilt from the checkpoint's own config, so it can be restored anywhere.
+    """
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    steps = checkpointer.steps()
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
+    meta = checkpointer.read_meta(step_index if step_index is not None else steps[-1])
+    config = config or config_lib.from_plain(meta["config"])
+    if ckpt_lib.base_fingerprint(meta["base"]["path"]) != meta["base"]["fingerprint"]:
+        raise ResumeMismatchError(f"the base model at {meta['base']['path']} changed since {workdir} was trained "
+                                  "(its fingerprint differs): the checkpoint's adapters/updates no longer apply")
+    mesh = mesh or sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    run = build(config, mesh, meta["base"]["path"])
+    target = ckpt_lib.abstract_target(_saved(run.state), _saved(run.state_shardings))
+    found, restored, _, meta = checkpointer.restore(target, step_index)
+    run.state = run.state.replace(**restored)
+    return run, found, meta
 
 
 def _trainable_filter(model, config):
