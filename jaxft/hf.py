@@ -226,6 +226,38 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype, Any]],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Writes a safetensors file one tensor at a time: host memory peaks at the largest tensor.
+
+    entries: (key, shape, dtype, fetch) with fetch() returning the array when its turn comes. The
+    header can be written first because shapes and dtypes are known up front. (The safetensors
+    package needs every tensor of a file in memory at once.) Returns the bytes written.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for key, shape, dtype, _ in entries:
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for key, shape, dtype, fetch in entries:
+            array = np.ascontiguousarray(fetch(), dtype=dtype)
+            if tuple(array.shape) != tuple(shape):
+                raise ValueError(f"{path}: tensor {key!r} is {list(array.shape)}, expected {list(shape)}")
+            f.write(array.data)
+    os.replace(tmp, path)  # a reader never sees a half-written file
+    return 8 + len(encoded) + offset
+
+
 def write_index(folder: str, weight_map: dict[str, str], total_size: int) -> None:
     with open(os.path.join(folder, SAFETENSORS_INDEX), "w") as f:
         json.dump({"metadata": {"total_size": total_size}, "weight_map": weight_map}, f, indent=2, sort_keys=True)

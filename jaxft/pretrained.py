@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxft import hf, sharding
-from jaxft.models import registry
-from jaxft.models.keys import KeyRule, check_checkpoint
+from jaxft.models import classification, registry
+from jaxft.models.keys import KeyRule, check_checkpoint, group_by_key
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -43,11 +43,16 @@ def flat_params(model_or_state) -> tuple[nnx.GraphDef | None, dict[str, nnx.Vari
 
 def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_dtype=None, mesh: Mesh | None = None,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, revision: str | None = None,
-                    allow_pickle: bool = False) -> nnx.Module:
-    """Loads an HF causal LM (local folder or hub id) as a jaxft model.
+                    allow_pickle: bool = False, labels=None, pad_token_id: int | None = None,
+                    seed: int = 0) -> nnx.Module:
+    """Loads an HF causal LM or sequence classifier (local folder or hub id) as a jaxft model.
 
     dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With a mesh, each
     parameter is placed by its logical axes and `rules`; without one, on the first device.
+    labels (names, or a count) make a sequence classifier: the checkpoint's head if it has one, a
+    new head (drawn from `seed`) on a causal LM otherwise; a checkpoint whose config.json names a
+    *ForSequenceClassification architecture loads as one anyway. pad_token_id overrides config.json's
+    (a classifier pools the last non-pad token). See jaxft.models.classification.
 
         model = jaxft.from_pretrained("meta-llama/Llama-3.2-1B", dtype="bfloat16")
         logits = model(input_ids, attention_mask=mask)  # [B, T, V]
@@ -57,9 +62,9 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
     where = os.path.join(source.path, "config.json")
     family = registry.family_for(hf_config, where)
     config = family.config_cls.from_hf(hf_config, where)
+    head = classification.head_options(hf_config, labels, pad_token_id, where)
     param_dtype = _dtype(dtype)
-    abstract = nnx.eval_shape(lambda: family.model_cls(
-        config, param_dtype=param_dtype, dtype=_dtype(compute_dtype or param_dtype), rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _build(family, config, head, param_dtype, compute_dtype, seed))
     graphdef, params = flat_params(abstract)
     rules_table = family.convert.key_table(config, list(params))
 
@@ -69,15 +74,35 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
         return sharding.named_sharding(variable.axes, variable.shape, mesh, rules)
 
     with hf.Checkpoint(source.path, allow_pickle=allow_pickle) as checkpoint:
+        fresh, ignored = [], list(family.convert.ignored_keys(config))
+        if head is not None:
+            fresh, more_ignored = classification.head_rules(checkpoint.shapes)
+            rules_table, ignored = [r for r in rules_table if r.param not in fresh], ignored + more_ignored
         check_checkpoint(rules_table, {p: v.shape for p, v in params.items()}, config.num_hidden_layers,
-                         checkpoint.shapes, checkpoint.files, family.convert.ignored_keys(config))
+                         checkpoint.shapes, checkpoint.files, ignored)
         loaded = {rule.param: _load_param(checkpoint, rule, params[rule.param], place(params[rule.param]),
                                           config.num_hidden_layers) for rule in rules_table}
+        for i, path in enumerate(fresh):
+            loaded[path] = _normal_init(jax.random.fold_in(jax.random.key(seed), i), tuple(params[path].shape),
+                                        np.dtype(params[path].dtype), place(params[path]))
         jax.block_until_ready(list(loaded.values()))  # host buffers must outlive their transfers
     state = nnx.from_flat_state([(tuple(p.split(".")), params[p].replace(value=loaded[p])) for p in params])
     model = nnx.merge(graphdef, state)
     model.source = source
     return model
+
+
+def _build(family: registry.Family, config, head: dict | None, param_dtype, compute_dtype, seed: int) -> nnx.Module:
+    kw = dict(param_dtype=param_dtype, dtype=_dtype(compute_dtype or param_dtype), rngs=nnx.Rngs(seed))
+    if head is None:
+        return family.model_cls(config, **kw)
+    return classification.SequenceClassifier(config, **head, **kw)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal_init(key, shape, dtype, target):
+    # The init of layers.Linear (and of transformers' heads): N(0, 0.02²).
+    return jax.lax.with_sharding_constraint((0.02 * jax.random.normal(key, shape)).astype(dtype), target)
 
 
 def _load_param(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable, target: NamedSharding | SingleDeviceSharding,
@@ -88,24 +113,28 @@ def _load_param(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable
     at most one layer's shard at once, never the whole stack.
     """
     dtype = np.dtype(variable.dtype)
+    first_row = rule.rows[0] if rule.rows else 0  # a block of a fused tensor starts there
     if not rule.stacked:
-        return _array_from_tensor(checkpoint, rule.hf, tuple(variable.shape), dtype, target)
+        return _array_from_tensor(checkpoint, rule.hf, tuple(variable.shape), dtype, target, first_row)
     layer_target = _drop_leading_axis(target)
     stacked = _zeros(tuple(variable.shape), dtype, target)
     for layer, key in enumerate(rule.hf_keys(num_layers)):
-        one_layer = _array_from_tensor(checkpoint, key, tuple(variable.shape[1:]), dtype, layer_target)
+        one_layer = _array_from_tensor(checkpoint, key, tuple(variable.shape[1:]), dtype, layer_target, first_row)
         stacked = _set_layer(stacked, one_layer, layer)
     return stacked
 
 
 def _array_from_tensor(checkpoint: hf.Checkpoint, key: str, shape: tuple[int, ...], dtype: np.dtype,
-                       target: jax.sharding.Sharding) -> jax.Array:
+                       target: jax.sharding.Sharding, first_row: int = 0) -> jax.Array:
     cache: dict[Any, np.ndarray] = {}  # replicated shards ask for the same slice on every device
 
     def read(index: tuple[slice, ...]) -> np.ndarray:
         cache_key = tuple((s.start, s.stop, s.step) for s in index)
         if cache_key not in cache:
             out = np.empty(tuple(len(range(n)[i]) for n, i in zip(shape, index)), dtype)
+            if first_row:  # rows of this param within the fused checkpoint tensor
+                rows = range(shape[0])[index[0]]
+                index = (slice(rows.start + first_row, rows.stop + first_row, rows.step), *index[1:])
             cache[cache_key] = checkpoint.read(key, index, out=out)
         return cache[cache_key]
 
@@ -135,26 +164,36 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
                     copy_tokenizer: bool = True) -> list[str]:
     """Writes an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads as is.
 
-    Tensors are written file by file (at most `max_shard_size` bytes each, with an index when there
-    are several), so host memory peaks near one file. In multi-host runs every process must call
+    Tensors are gathered and written one at a time (files of at most `max_shard_size` bytes, with an
+    index when there are several), so host memory peaks near the largest tensor. In multi-host runs every process must call
     this (the gather is collective); process 0 writes. Returns the weight files written.
     """
     out_dir = os.fspath(out_dir)
     config = model.config
     family = registry.family_for({"model_type": config.model_type})
     _, params = flat_params(model)
+    adapters = sorted(p for p in params if ".adapter." in p)
+    if adapters:
+        raise ValueError(f"the model has adapters attached ({adapters[0]}, ...): merge them first with "
+                         "jaxft.peft.lora.merge_lora(model), or export them with `jaxft export --format peft`")
     rules_table = family.convert.key_table(config, list(params))
     save_dtype = np.dtype(_dtype(dtype)) if dtype is not None else np.dtype(params[rules_table[0].param].dtype)
     layers = config.num_hidden_layers
 
-    # Each HF key with a function that fetches its tensor to the host when its file is written.
+    # Each HF key with a function that fetches its tensor to the host when its file is written; a
+    # fused key (Phi-3's qkv_proj) concatenates its params' blocks in row order.
     fetchers: dict[str, Callable[[], np.ndarray]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     sizes: list[tuple[str, int]] = []
-    for rule in rules_table:
-        array = params[rule.param].get_value()
-        per_key_shape = array.shape[1:] if rule.stacked else array.shape
-        for i, key in enumerate(rule.hf_keys(layers)):
-            fetchers[key] = (lambda a=array, i=i: _to_host(a[i])) if rule.stacked else (lambda a=array: _to_host(a))
+    for group in group_by_key(rules_table).values():
+        arrays = [params[rule.param].get_value() for rule in group]
+        stacked = group[0].stacked
+        block_shapes = [a.shape[1:] if stacked else a.shape for a in arrays]
+        per_key_shape = (sum(b[0] for b in block_shapes), *block_shapes[0][1:]) if len(arrays) > 1 else block_shapes[0]
+        for i, key in enumerate(group[0].hf_keys(layers)):
+            parts = [(lambda a=a, i=i: _to_host(a[i])) if stacked else (lambda a=a: _to_host(a)) for a in arrays]
+            fetchers[key] = parts[0] if len(parts) == 1 else (lambda parts=parts: np.concatenate([f() for f in parts]))
+            shapes[key] = tuple(per_key_shape)
             sizes.append((key, int(np.prod(per_key_shape)) * save_dtype.itemsize))
 
     writer = jax.process_index() == 0
@@ -163,19 +202,20 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     shards = hf.plan_shards(sizes, max_shard_size)
     names = hf.shard_file_names(len(shards))
     weight_map = {}
-    from safetensors.numpy import save_file
-
     for name, keys in zip(names, shards):
-        tensors = {key: np.ascontiguousarray(fetchers[key]().astype(save_dtype, copy=False)) for key in keys}
+        entries = [(key, shapes[key], save_dtype, lambda key=key: fetchers[key]().astype(save_dtype, copy=False))
+                   for key in keys]
         if writer:
-            save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+            hf.write_safetensors(os.path.join(out_dir, name), entries)
+        else:  # the gathers are collective: every process takes part
+            for *_, fetch in entries:
+                fetch()
         weight_map.update({key: name for key in keys})
-        del tensors
     if not writer:
         return names
     if len(names) > 1:
         hf.write_index(out_dir, weight_map, sum(size for _, size in sizes))
-    hf_config = config.to_hf()
+    hf_config = model.to_hf_config() if hasattr(model, "to_hf_config") else config.to_hf()
     hf_config["torch_dtype"] = {np.dtype(jnp.bfloat16): "bfloat16"}.get(save_dtype, save_dtype.name)
     hf.write_json(out_dir, "config.json", hf_config)
     source = getattr(model, "source", None)
@@ -192,13 +232,14 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def init_random(hf_config: dict[str, Any], dtype="float32", *, compute_dtype=None, seed: int = 0) -> nnx.Module:
-    """A randomly initialized model for an HF config (from-scratch runs, benchmarks, tests)."""
+def init_random(hf_config: dict[str, Any], dtype="float32", *, compute_dtype=None, seed: int = 0, labels=None,
+                pad_token_id: int | None = None) -> nnx.Module:
+    """A randomly initialized model for an HF config (from-scratch runs, benchmarks, tests);
+    `labels` make it a sequence classifier, as in `from_pretrained`."""
     family = registry.family_for(hf_config)
     config = family.config_cls.from_hf(hf_config)
-    param_dtype = _dtype(dtype)
-    return family.model_cls(config, param_dtype=param_dtype, dtype=_dtype(compute_dtype or param_dtype),
-                            rngs=nnx.Rngs(seed))
+    head = classification.head_options(hf_config, labels, pad_token_id)
+    return _build(family, config, head, _dtype(dtype), compute_dtype, seed)
 
 
 __all__ = ["from_pretrained", "save_pretrained", "init_random", "flat_params", "DTYPES"]

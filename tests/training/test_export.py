@@ -1,0 +1,83 @@
+"""Exports load in PyTorch as they are and give the trained model's logits."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxft import config as config_lib
+from jaxft import export, train
+from jaxft.demo import MODEL_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+
+
+def trained(workdir, *overrides):
+    # A high learning rate so that 3 steps move every trained weight well away from its init.
+    config = config_lib.load(DEMO, [f"--config.workdir={workdir}", "--config.train.steps=3",
+                                    "--config.train.warmup_steps=0", "--config.train.learning_rate=0.05",
+                                    "--config.checkpoint.async_save=False", *overrides])
+    train.train(config)
+    run, _, _ = train.restore_run(str(workdir))
+    return run.model_def.merge(run.state.params, run.state.frozen)
+
+
+def batch():
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    enc = tokenizer(["The river runs past the old mill", "Question: what does the baker sell?"],
+                    padding=True, return_tensors="np")
+    mask = enc["attention_mask"]
+    return enc["input_ids"], mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
+
+
+def torch_logits(model, ids, mask, positions):
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                     position_ids=torch.as_tensor(positions)).logits.float().numpy()
+
+
+def jax_logits(model, ids, mask):
+    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "full"])
+def test_exports_match_the_trained_model(tmp_path, kind):
+    overrides = {"lora": [], "dora": ["--config.lora.use_dora=True"], "full": ["--config.lora.rank=0"]}[kind]
+    model = trained(tmp_path / "run", *overrides)
+    ids, mask, positions = batch()
+    valid = mask.astype(bool)
+    expected = jax_logits(model, ids, mask)
+
+    export.export(str(tmp_path / "run"), str(tmp_path / "hf"), format="hf")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    merged_logits = torch_logits(merged, ids, mask, positions)
+    assert np.abs(merged_logits - expected)[valid].max() <= 1e-5
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # the tokenizer travels with it
+
+    if kind == "full":
+        with pytest.raises(ValueError, match="full fine-tuning run .* no adapter"):
+            export.export(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+        return
+    import peft
+
+    export.export(str(tmp_path / "run"), str(tmp_path / "peft"), format="peft")
+    adapter_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["use_dora"] == (kind == "dora")
+    assert adapter_config["modules_to_save"] is None
+    assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"}
+    base = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    adapter_logits = torch_logits(with_adapter, ids, mask, positions)
+    assert np.abs(adapter_logits - expected)[valid].max() <= 1e-4
+    assert np.abs(adapter_logits - merged_logits)[valid].max() <= 1e-4
+    # The adapter is not a no-op: the base model's logits differ.
+    base_logits = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(),
+                               ids, mask, positions)
+    assert np.abs(base_logits - expected)[valid].max() > 1e-2
