@@ -253,7 +253,7 @@ def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dt
             array = np.ascontiguousarray(fetch(), dtype=dtype)
             if tuple(array.shape) != tuple(shape):
                 raise ValueError(f"{path}: tensor {key!r} is {list(array.shape)}, expected {list(shape)}")
-            f.write(array.data)
+            f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: bf16 has no buffer format
     os.replace(tmp, path)  # a reader never sees a half-written file
     return 8 + len(encoded) + offset
 

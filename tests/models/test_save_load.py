@@ -96,3 +96,15 @@ def test_bf16_load_stays_close(llama, capsys):
     mixed = jaxft.from_pretrained(folder, dtype="bfloat16", compute_dtype="float32")
     mixed_diff = np.abs(np.asarray(mixed(jnp.asarray(ids), attention_mask=jnp.asarray(mask))) - expected)[valid]
     assert mixed_diff.max() < diff.max()
+
+
+def test_bf16_save_loads_in_transformers_as_bf16(tmp_path, llama):
+    folder, torch_model = llama
+    model = jaxft.from_pretrained(folder)
+    jaxft.save_pretrained(model, tmp_path / "bf16", dtype="bfloat16")
+    with open(tmp_path / "bf16" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    for key, tensor in reloaded.state_dict().items():
+        assert tensor.dtype == torch.bfloat16, key
+        torch.testing.assert_close(tensor, torch_model.state_dict()[key].to(torch.bfloat16), rtol=0, atol=0, msg=key)
