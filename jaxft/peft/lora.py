@@ -157,9 +157,9 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     target does not change the others' init.
     """
     linears = linear_modules(model)
-    names = sorted({path[-1] for path in linears})
     if not linears:
         raise ValueError(f"{type(model).__name__} has no jaxft Linear module to adapt")
+    names = sorted({path[-1] for path in linears})
     if config.targets == ALL_LINEAR:
         targets = set(names) - {OUTPUT_HEAD}
     else:
@@ -168,15 +168,15 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
             raise ValueError(f"LoRA target(s) {unknown} match no Linear module; this model's Linear modules are "
                              f"{names} (or use {ALL_LINEAR!r})")
         targets = set(config.targets)
+    chosen = {path: linear for path, linear in linears.items() if path[-1] in targets}
+    taken = [".".join(path) for path, linear in chosen.items() if linear.adapter is not None]
+    if taken:  # checked before any change, so a failed call leaves the model as it was
+        raise ValueError(f"{taken} already have adapters; merge_lora(model) before applying another")
 
     root = jax.random.key(seed)
     dtype = _DTYPES[config.adapter_dtype]
-    for path, linear in linears.items():
-        if path[-1] not in targets:
-            continue
-        if linear.adapter is not None:
-            raise ValueError(f"{'.'.join(path)} already has an adapter; merge_lora(model) before applying another")
-        salt = ".".join(path)
+    for path, linear in chosen.items():
+        salt = ".".join(path)  # also keys this site's dropout masks
         linear.adapter = LoRA(linear, rank=config.rank, scaling=config.scaling, dropout=config.dropout,
                               use_dora=config.use_dora, dtype=dtype, salt=salt,
                               key=jax.random.fold_in(root, _stable_hash(salt)))
