@@ -50,6 +50,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.on_nonfinite = "abort"  # abort (naming the step, saving nothing bad) | skip (drop that update)
     c.train.log_every = 1  # steps between metrics.jsonl rows
     c.train.eval_every = 0  # steps between eval-loss passes (0 = only at the end, if validation data)
+    c.train.wandb = False  # also log to Weights & Biases (if installed)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
+    c.eval.max_new_tokens = 16  # generation budget per task answer
+    c.eval.patience = 0  # early stopping: evaluations without eval-loss improvement (0 = off)
+    c.eval.samples = 8  # generations shown in the report
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning

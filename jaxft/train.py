@@ -4,7 +4,9 @@
     python -c "import jaxft.train, jaxft.config as c; cfg = c.default_config(); ...; jaxft.train.train(cfg)"
 
 Writes into `config.workdir`: metrics.jsonl (one JSON row per logged step: step, loss,
-learning_rate, tokens_per_second, grad_norm; eval rows carry eval_loss) and checkpoints/.
+learning_rate, tokens_per_second, grad_norm; eval rows carry eval_loss), TensorBoard events in
+tensorboard/, checkpoints/, and at the end loss_curve.png, report.html and report.json (with the
+task eval before/after training when eval.task_file is set).
 SIGTERM or SIGINT finishes the current step, saves, waits for the write, and returns.
 """
 
@@ -24,8 +26,10 @@ import numpy as np
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
-from jaxft import distributed, hf, optim, sharding, step
+from jaxft import distributed, evaluate, hf, optim, sharding, step
+from jaxft.metrics import MetricsWriter, model_flops_per_token
 from jaxft.pretrained import from_pretrained
+from jaxft.report import write_report
 
 log = logging.getLogger("jaxft.train")
 
@@ -75,50 +79,81 @@ def train(config) -> dict[str, Any]:
     batches = pipeline.train_iterator()
     if data_state:
         batches.set_state(data_state)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, after_step=start_step)  # rows a killed run logged past its last save
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), after_step=start_step)  # rows logged past the last save
+    writer = MetricsWriter(workdir, config.train.steps, start_step, flops_per_token=_flops_per_token(run, config),
+                           use_wandb=config.train.wandb, config=plain_config)
+    task = evaluate.read_task(config.eval.task_file) if config.eval.task_file else None
+    report: dict[str, Any] = {"model": source.repo_id or source.path, "resumed_from": start_step}
+    if task and start_step == 0:
+        report["task"] = {"before": _task_eval(run, state, tokenizer, task, config)}
+        writer.eval(0, {"task_exact_match": report["task"]["before"]["exact_match"]})
 
     # ---- loop -----------------------------------------------------------------------------------
     stop = _StopRequest()
+    stopper = evaluate.EarlyStopping(config.eval.patience)
     last_eval = None
     step_index = start_step
-    with stop.installed(), sharding.activate(mesh), open(metrics_path, "a") as metrics_file:
+    started = time.perf_counter()
+    with stop.installed(), sharding.activate(mesh):
         while step_index < config.train.steps:
-            started = time.perf_counter()
+            step_started = time.perf_counter()
             local = next(batches)
             state, metrics = compiled_step(state, sharding.global_batch(local, mesh))
             step_index += 1
             if config.train.on_nonfinite == "abort" and not bool(metrics["finite"]):
-                metrics_file.flush()
+                writer.close()
                 raise NonFiniteLossError(f"step {step_index}: loss {float(metrics['loss'])} / grad_norm "
                                          f"{float(metrics['grad_norm'])} is not finite; nothing was saved for this step "
                                          "(set train.on_nonfinite=skip to drop such updates instead)")
             if step_index % config.train.log_every == 0 or step_index == config.train.steps:
                 tokens = int(np.sum(local["attention_mask"])) * jax.process_count()
-                seconds = time.perf_counter() - started
-                _write(metrics_file, {"step": step_index, "loss": float(metrics["loss"]),
-                                      "learning_rate": float(metrics["learning_rate"]),
-                                      "grad_norm": float(metrics["grad_norm"]),
-                                      "tokens_per_second": tokens / seconds, "finite": bool(metrics["finite"])})
+                writer.train(step_index, {"loss": float(metrics["loss"]), "learning_rate": float(metrics["learning_rate"]),
+                                          "grad_norm": float(metrics["grad_norm"]),
+                                          "tokens_per_second": tokens / (time.perf_counter() - step_started),
+                                          "finite": bool(metrics["finite"])})
             at_end = step_index == config.train.steps
-            eval_loss = None
+            eval_loss, early_stop = None, False
             if (config.train.eval_every and step_index % config.train.eval_every == 0) or at_end:
-                eval_loss = last_eval = evaluate(eval_step, state, pipeline, mesh)
+                eval_loss = evaluate.eval_loss(run.eval_step, state.params, state.frozen, pipeline.validation_batches(), mesh)
                 if eval_loss is not None:
-                    _write(metrics_file, {"step": step_index, "eval_loss": eval_loss})
-            stopping = stop.requested()
+                    last_eval = eval_loss
+                    writer.eval(step_index, {"eval_loss": eval_loss, "eval_perplexity": evaluate.perplexity(eval_loss)})
+                    early_stop = stopper.update(eval_loss) and not at_end
+            stopping = stop.requested() or early_stop
             if step_index % config.checkpoint.every == 0 or at_end or stopping:
                 checkpointer.save(step_index, _saved(state), batches.get_state(), {**meta, "step": step_index},
                                   eval_loss=eval_loss, force=True)
             if stopping:
-                log.warning("stop requested: saved step %d, exiting", step_index)
+                reason = f"no eval-loss improvement in {config.eval.patience} evaluations" if early_stop else "stop requested"
+                log.warning("%s: saved step %d, stopping", reason, step_index)
+                report["stopped_because"] = reason
                 break
 
     # ---- finish ---------------------------------------------------------------------------------
     checkpointer.close()
     batches.close()
-    return {"step": step_index, "stopped_early": step_index < config.train.steps, "eval_loss": last_eval,
-            "workdir": workdir, "resumed_from": start_step}
+    writer.close()
+    finished = step_index == config.train.steps or report.get("stopped_because", "").startswith("no eval")
+    if task and finished:
+        report.setdefault("task", {})["after"] = _task_eval(run, state, tokenizer, task, config)
+    report.update({"step": step_index, "stopped_early": step_index < config.train.steps, "eval_loss": last_eval,
+                   "workdir": workdir, "seconds": time.perf_counter() - started, "data": batches.stats()})
+    if jax.process_index() == 0:
+        write_report(workdir, report)
+    return report
+
+
+def _task_eval(run, state, tokenizer, task, config) -> dict:
+    model = run.model_def.merge(state.params, state.frozen)
+    return evaluate.task_accuracy(model, tokenizer, task, config.eval.max_new_tokens, samples=config.eval.samples)
+
+
+def _flops_per_token(run, config) -> float:
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.state.frozen)))
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
+    layers = run.state.frozen.get("model.layers.input_layernorm.weight", run.state.params.get("model.layers.input_layernorm.weight"))
+    num_layers, hidden = (layers.shape if layers is not None else (0, 0))
+    return model_flops_per_token(total, num_layers, hidden, config.data.seq_len, trainable)
 
 
 @dataclasses.dataclass
@@ -218,27 +253,9 @@ def resume(checkpointer: ckpt_lib.Checkpointer, config, meta: dict, target) -> t
     return step_index, restored, data_state
 
 
-def evaluate(eval_step, state, pipeline, mesh) -> float | None:
-    batches = pipeline.validation_batches()
-    if not batches:
-        return None
-    nll, targets = 0.0, 0.0
-    for batch in batches:
-        out = eval_step(state.params, state.frozen, sharding.global_batch(batch, mesh))
-        nll += float(out["nll_sum"])
-        targets += float(out["num_targets"])
-    return nll / max(targets, 1.0)
-
-
 def _saved(state):
     """What a checkpoint holds: everything but the frozen base, which is reloaded from its folder."""
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
-
-
-def _write(file, row: dict) -> None:
-    if jax.process_index() == 0:
-        file.write(json.dumps(row) + "\n")
-        file.flush()
 
 
 def _truncate_metrics(path: str, after_step: int) -> None:

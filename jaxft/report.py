@@ -1,0 +1,80 @@
+"""The end-of-run report: loss_curve.png (train and eval) and report.html beside metrics.jsonl."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+    train_rows, eval_rows = [], []
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        for line in open(path):
+            row = json.loads(line)
+            (train_rows if "loss" in row else eval_rows if "eval_loss" in row else []).append(row)
+    return train_rows, eval_rows
+
+
+def plot_losses(workdir: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train_rows, eval_rows = read_metrics(workdir)
+    if not train_rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", lw=1.2)
+    if eval_rows:
+        ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss_curve.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(workdir: str, summary: dict) -> str:
+    """report.json (the summary) and report.html (summary, curve, task eval before/after, samples)."""
+    plot = plot_losses(workdir)
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    train_rows, eval_rows = read_metrics(workdir)
+    e = html.escape
+    rows = [("steps", summary.get("step")), ("resumed from step", summary.get("resumed_from") or "-"),
+            ("first / last train loss", f"{train_rows[0]['loss']:.4f} / {train_rows[-1]['loss']:.4f}" if train_rows else "-"),
+            ("final eval loss", f"{eval_rows[-1]['eval_loss']:.4f}" if eval_rows else "-"),
+            ("wall time", f"{summary.get('seconds', 0):.1f} s"), ("model", summary.get("model", "-"))]
+    parts = ["<!doctype html><meta charset='utf-8'><title>jaxft report</title>",
+             "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}td,th{padding:4px 10px;"
+             "border-bottom:1px solid #ddd;text-align:left}.ok{color:#070}.bad{color:#a00}</style>",
+             f"<h1>jaxft run: {e(os.path.basename(os.path.abspath(workdir)))}</h1><table>"]
+    parts += [f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in rows]
+    parts.append("</table>")
+    if plot:
+        parts.append("<h2>Loss</h2><img src='loss_curve.png' alt='loss curve' width='700'>")
+    task = summary.get("task")
+    if task:
+        before, after = task.get("before"), task["after"]
+        parts.append("<h2>Task evaluation</h2><table><tr><th></th><th>exact match</th><th>contains</th></tr>")
+        for name, result in (("before training", before), ("after training", after)):
+            if result:
+                parts.append(f"<tr><th>{name}</th><td>{result['exact_match']:.1%}</td><td>{result['contains']:.1%}</td></tr>")
+        parts.append("</table><h2>Samples</h2><table><tr><th>prompt</th><th>answer</th><th>before</th><th>after</th></tr>")
+        before_samples = {s["prompt"]: s["output"] for s in (before or {}).get("samples", [])}
+        for sample in after["samples"]:
+            ok = "ok" if sample["output"] == sample["answer"] else "bad"
+            parts.append(f"<tr><td>{e(sample['prompt'])}</td><td>{e(sample['answer'])}</td>"
+                         f"<td>{e(before_samples.get(sample['prompt'], ''))}</td><td class='{ok}'>{e(sample['output'])}</td></tr>")
+        parts.append("</table>")
+    path = os.path.join(workdir, "report.html")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path
