@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.rank = 0  # 0 = full fine-tuning
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
-    c.lora.targets = "all-linear"  # "all-linear" or a tuple of module names (q_proj, ..., down_proj)
+    c.lora.targets = ml_collections.FieldReference("all-linear", field_type=object)  # "all-linear" or module names (q_proj, ...)
     c.lora.use_rslora = False
     c.lora.use_dora = False
 

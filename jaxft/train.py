@@ -171,6 +171,32 @@ class Run:
 def build(config, mesh, model_path: str) -> Run:
     """The model (with LoRA if configured), optimizer, train state and compiled steps for `mesh`."""
     model = from_pretrained(model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh)
+    model_def, optimizer, train_step, state = _training_parts(model, config)
+    compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
+    return Run(model_def=model_def, optimizer=optimizer, state=jax.device_put(state, state_shardings),
+               state_shardings=state_shardings, compiled_step=compiled_step,
+               eval_step=jax.jit(step.make_eval_step(model_def)))
+
+
+def abstract_state(config, hf_config: dict) -> tuple[step.ModelDef, step.TrainState]:
+    """The train state a config would build, as shapes only (jax.eval_shape): nothing is allocated,
+    nothing downloaded. For checking configs of big models, and planning their memory."""
+    from flax import nnx
+
+    from jaxft.pretrained import init_random
+
+    holder = {}
+
+    def make():
+        model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+        holder["parts"] = _training_parts(model, config)
+        return holder["parts"][3]
+
+    state = jax.eval_shape(make)
+    return holder["parts"][0], state
+
+
+def _training_parts(model, config):
     trainable = _trainable_filter(model, config)
     model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
     optim_cfg = optim.OptimConfig(
@@ -181,11 +207,7 @@ def build(config, mesh, model_path: str) -> Run:
     step_cfg = step.StepConfig(grad_accum=config.train.grad_accum, z_loss=config.train.z_loss,
                                remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip")
     train_step = step.make_train_step(model_def, optimizer, step_cfg, optim.make_schedule(optim_cfg))
-    state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
-    compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
-    return Run(model_def=model_def, optimizer=optimizer, state=jax.device_put(state, state_shardings),
-               state_shardings=state_shardings, compiled_step=compiled_step,
-               eval_step=jax.jit(step.make_eval_step(model_def)))
+    return model_def, optimizer, train_step, step.init_state(params, frozen, optimizer, seed=config.train.seed)
 
 
 def restore_run(workdir: str, step_index: int | None = None, mesh=None, config=None) -> tuple[Run, int, dict]:

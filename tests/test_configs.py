@@ -1,0 +1,57 @@
+"""Every config in configs/ parses, validates, and builds its model and train state with
+jax.eval_shape (shapes of the real checkpoints from jaxft.presets; nothing downloaded)."""
+
+import glob
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft import config as config_lib
+from jaxft import presets, sharding, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+HARDWARE_ARGS = {"llama3_8b_lora.py": ["v5e-8", "h100"], "qwen25_7b_lora.py": ["v5e-8", "h100"],
+                 "mistral_7b_lora.py": ["h100", "v5e-8"]}
+CASES = [(path, arg) for path in CONFIGS for arg in HARDWARE_ARGS.get(os.path.basename(path), [""])]
+# Parameter counts of the real models (config.json shapes), to catch a wrong preset.
+EXPECTED_PARAMS = {"meta-llama/Llama-3.1-8B": 8.03e9, "meta-llama/Llama-3.2-1B": 1.24e9, "Qwen/Qwen2.5-7B": 7.62e9,
+                   "mistralai/Mistral-7B-v0.3": 7.25e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9}
+
+
+def test_every_config_file_is_covered():
+    assert {os.path.basename(p) for p in CONFIGS} >= {"demo.py", "llama3_8b_lora.py", "llama32_1b_full.py",
+                                                      "qwen25_7b_lora.py", "mistral_7b_lora.py", "chat_sft.py"}
+
+
+@pytest.mark.parametrize("path,arg", CASES, ids=[f"{os.path.basename(p)}:{a}" for p, a in CASES])
+def test_config_parses_and_its_state_passes_eval_shape(path, arg):
+    config = config_lib.load(f"{path}:{arg}" if arg else path)
+    config_lib.validate(config)
+    if config.model.path in presets.HF_CONFIGS:
+        hf_config = presets.HF_CONFIGS[config.model.path]
+    else:
+        with open(os.path.join(config.model.path, "config.json")) as f:
+            hf_config = json.load(f)
+    model_def, state = train.abstract_state(config, hf_config)
+    every = {**state.params, **state.frozen}
+    total = sum(int(np.prod(x.shape)) for p, x in every.items() if ".adapter." not in p)  # the base model
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    if config.model.path in EXPECTED_PARAMS:
+        assert abs(total - EXPECTED_PARAMS[config.model.path]) < 0.01 * total, total
+    if config.lora.rank:
+        assert 0 < trainable < (0.02 if total > 1e8 else 0.5) * total and all(".adapter." in p for p in state.params)
+    else:
+        assert trainable == total and not state.frozen
+    # The optimizer state exists only for trainable params, in their dtype.
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
+    assert sum(int(np.prod(x.shape)) for x in moments) <= 2 * trainable + 10
+    # Its mesh and batch fit the hardware it names (8 chips, or 1 device).
+    shape = dict(config.mesh.shape)
+    devices = jax.devices()[:1] if all(v == 1 for v in shape.values()) else jax.devices()
+    mesh = sharding.make_mesh(shape, devices=devices)
+    sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh)
