@@ -2,6 +2,7 @@
 
     jaxft train --config configs/demo.py [--config.KEY=VALUE ...]
     jaxft export --workdir DIR --out OUT --format hf|peft [--step N] [--dtype bfloat16]
+    jaxft eval --config configs/demo.py --workdir DIR     # or --model PATH; eval loss + task exact match
     jaxft demo                                  # load the bundled tiny model, show logits + a generation
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
@@ -99,6 +100,45 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args, overrides: list[str]) -> int:
+    """Eval loss/perplexity on the config's validation data, and task exact match if eval.task_file."""
+    import json
+
+    import jax
+
+    from jaxft import config as config_lib
+    from jaxft import evaluate, sharding, step
+    from jaxft.train import restore_run
+
+    config = config_lib.load(args.config, overrides) if args.config else config_lib.default_config()
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    if args.workdir:
+        run, found, meta = restore_run(args.workdir, args.step, mesh=mesh)
+        model_def, params, frozen = run.model_def, run.state.params, run.state.frozen
+        model_path, what = meta["base"]["path"], f"{args.workdir} step {found}"
+    else:
+        model_path = args.model or config.model.path
+        model_def, params, frozen = step.split_model(_load(model_path, args.dtype)[0])
+        what = model_path
+    result = {"evaluated": what}
+    tokenizer = _tokenizer(model_path)
+    if args.config and config.data.train or (args.config and config.data.validation):
+        from jaxft.data import DataPipeline
+
+        pipeline = DataPipeline(config, tokenizer)
+        loss = evaluate.eval_loss(jax.jit(step.make_eval_step(model_def)), params, frozen,
+                                  pipeline.validation_batches(), mesh)
+        if loss is not None:
+            result.update(eval_loss=loss, eval_perplexity=evaluate.perplexity(loss))
+    task_file = args.task_file or (config.eval.task_file if args.config else None)
+    if task_file:
+        accuracy = evaluate.task_accuracy(model_def.merge(params, frozen), tokenizer, evaluate.read_task(task_file),
+                                          config.eval.max_new_tokens)
+        result.update(exact_match=accuracy["exact_match"], contains=accuracy["contains"], samples=accuracy["samples"])
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_export(args) -> int:
     from jaxft import export
 
@@ -114,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="fine-tune: --config configs/NAME.py[:ARG] [--config.KEY=VALUE ...]")
     train.add_argument("--config", required=True, help="a config file (get_config(arg)), optionally :ARG")
     train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="eval loss and task exact match of a run's checkpoint or an HF folder")
+    evaluate.add_argument("--config", help="config whose data (validation) and eval.* settings to use")
+    source = evaluate.add_mutually_exclusive_group()
+    source.add_argument("--workdir", help="a run's workdir: evaluate its checkpoint")
+    source.add_argument("--model", help="an HF folder or hub id (default: the config's model.path)")
+    evaluate.add_argument("--step", type=int, default=None)
+    evaluate.add_argument("--task-file", help="JSONL of {prompt, answer} for exact match")
+    evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    evaluate.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="write a run's checkpoint as an HF folder or a PEFT adapter")
     export.add_argument("--workdir", required=True)
@@ -142,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=cmd_generate)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "eval"):
         unknown = [a for a in extra if not a.startswith("--config.")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")

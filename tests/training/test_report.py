@@ -89,3 +89,19 @@ def test_cli_export_writes_a_loadable_folder(tmp_path):
     assert str(model.dtype) == "torch.bfloat16"
     assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
     assert MODEL_DIR  # the base it came from is the bundled model
+
+
+def test_cli_eval_of_a_run_and_of_an_hf_folder(tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"prompt": "The river runs past", "answer": "the old mill"}) + "\n")
+    config = config_lib.load(DEMO, [f"--config.workdir={tmp_path / 'run'}", "--config.train.steps=2",
+                                    "--config.train.warmup_steps=0", "--config.checkpoint.async_save=False"])
+    train.train(config)
+    out = cli("eval", "--config", DEMO, "--workdir", str(tmp_path / "run"), f"--task-file={task}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout[out.stdout.index("{"):])
+    assert result["evaluated"].endswith("step 2") and result["eval_loss"] > 0 and 0 <= result["exact_match"] <= 1
+    out = cli("eval", "--config", DEMO, "--model", MODEL_DIR)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base = json.loads(out.stdout[out.stdout.index("{"):])
+    assert base["eval_loss"] != result["eval_loss"]  # the trained run differs from its base
