@@ -49,14 +49,21 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxft.generate import greedy_generate
+    from jaxft.generate import chat_prompt, generate
 
     model, _ = _load(args.model, args.dtype)
     tokenizer = _tokenizer(model.source.path)
-    prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-    out = greedy_generate(model, [prompt_ids], args.max_new_tokens, eos_id=tokenizer.eos_token_id or -1,
-                          pad_id=tokenizer.pad_token_id or 0)[0]
-    print(args.prompt + tokenizer.decode(out, skip_special_tokens=True))
+    prompts = args.prompt
+    if args.chat:
+        ids = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+    outputs = generate(model, ids, args.max_new_tokens, eos_id=eos, pad_id=tokenizer.pad_token_id or 0,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    for prompt, out in zip(prompts, outputs):
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        print(text if args.chat else prompt + text)
     return 0
 
 
@@ -186,8 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     generate = commands.add_parser("generate", help="greedy continuation of a prompt")
     generate.add_argument("--model", required=True)
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, action="append", help="repeat for a batch of prompts")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     generate.add_argument("--max-new-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     generate.set_defaults(run=cmd_generate)
 

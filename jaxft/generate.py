@@ -1,11 +1,17 @@
-"""Greedy decoding over a fixed-size buffer (one compile for any prompt up to the buffer length).
+"""Text generation over a fixed-size buffer (one compile for any prompt up to the buffer length).
 
-Each step re-runs the whole buffer: simple and exact, and fine for demos and tests. A KV cache
-(the attention's MaskInfo already takes separate query and key indices) comes with the generation
-issue.
+    generate(model, [ids, ...], max_new_tokens=32)                          # greedy
+    generate(model, prompts, 32, temperature=0.7, top_p=0.9, seed=0)        # sampling
+
+Prompts of different lengths are batched right-padded; each row continues from its own end and
+stops after EOS. Each step re-runs the whole buffer: exact, simple, and fine for the demo and for
+evaluation of small models; the attention's MaskInfo already takes separate query and key indices,
+which is where a KV cache plugs in.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +19,28 @@ import numpy as np
 from flax import nnx
 
 
-@nnx.jit(static_argnames=("max_new_tokens",))
-def _greedy(model, tokens, lengths, max_new_tokens: int, eos_id):
+def sample_logits(logits, key, temperature: float, top_k: int, top_p: float):
+    """Next tokens [B] from last-position logits [B, V]: greedy at temperature 0, else sampled
+    after top-k and nucleus (top-p) filtering."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) >= top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
+def _generate(model, tokens, lengths, key, eos_id, max_new_tokens: int, temperature: float, top_k: int, top_p: float):
     # tokens [B, N] right-padded; lengths [B]: how many are filled.
     batch, size = tokens.shape
     positions = jnp.arange(size)[None, :]
@@ -23,8 +49,8 @@ def _greedy(model, tokens, lengths, max_new_tokens: int, eos_id):
         tokens, lengths, done = state
         mask = (positions < lengths[:, None]).astype(jnp.int32)
         logits = model(tokens, attention_mask=mask)  # [B, N, V]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        next_token = jnp.argmax(last, axis=-1).astype(tokens.dtype)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        next_token = sample_logits(last, jax.random.fold_in(key, i), temperature, top_k, top_p).astype(tokens.dtype)
         write = ~done
         tokens = jnp.where((positions == lengths[:, None]) & write[:, None], next_token[:, None], tokens)
         done = done | (next_token == eos_id)
@@ -35,13 +61,26 @@ def _greedy(model, tokens, lengths, max_new_tokens: int, eos_id):
     return tokens, lengths
 
 
-def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int = -1, pad_id: int = 0) -> list[list[int]]:
-    """Returns each prompt's continuation (without the prompt), stopping after `eos_id`."""
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int = -1, pad_id: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """Each prompt's continuation (without the prompt), ending at `eos_id` (included) if it comes."""
     size = max(len(p) for p in prompts) + max_new_tokens
     tokens = np.full((len(prompts), size), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
     lengths = np.array([len(p) for p in prompts], np.int32)
-    out, new_lengths = _greedy(model, jnp.asarray(tokens), jnp.asarray(lengths), max_new_tokens, eos_id)
+    out, new_lengths = _generate(model, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+                                 jnp.int32(eos_id), max_new_tokens, float(temperature), int(top_k), float(top_p))
     out, new_lengths = np.asarray(out), np.asarray(new_lengths)
     return [out[row, len(p): new_lengths[row]].tolist() for row, p in enumerate(prompts)]
+
+
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int = -1, pad_id: int = 0) -> list[list[int]]:
+    return generate(model, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's own chat template, ready for the
+    assistant's reply."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds BOS if any

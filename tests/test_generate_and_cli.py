@@ -65,3 +65,37 @@ def test_bundled_demo_model_is_a_valid_hf_folder():
         expected = hf_model(ids).logits.numpy()
     got = np.asarray(jaxft.from_pretrained(MODEL_DIR)(ids.numpy()))
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_sampling_filters_and_is_reproducible(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxft.generate import generate, sample_logits
+
+    logits = jnp.asarray([[0.0, 3.0, 1.0, 2.0]] * 2000)
+    key = jax.random.key(0)
+    top2 = np.asarray(sample_logits(logits, key, 1.0, top_k=2, top_p=1.0))
+    assert set(top2.tolist()) == {1, 3}  # only the two best tokens
+    nucleus = np.asarray(sample_logits(logits, key, 1.0, top_k=0, top_p=0.5))
+    assert set(nucleus.tolist()) == {1}  # token 1 alone holds >= 50% of the mass
+    free = np.asarray(sample_logits(logits, key, 1.0, top_k=0, top_p=1.0))
+    assert set(free.tolist()) == {0, 1, 2, 3} and np.mean(free == 1) > np.mean(free == 3) > np.mean(free == 0)
+    folder, _ = tiny_hf_model(tmp_path, "llama3_rope")
+    model = jaxft.from_pretrained(folder)
+    prompts = [[5, 17, 42], [8, 1]]
+    assert generate(model, prompts, 6, temperature=0.8, top_p=0.9, seed=3) == \
+        generate(model, prompts, 6, temperature=0.8, top_p=0.9, seed=3)
+    assert generate(model, prompts, 6, temperature=1.0, top_k=1, seed=5) == greedy_generate(model, prompts, 6)
+
+
+def test_chat_generation_uses_the_chat_template():
+    import transformers
+
+    from jaxft.generate import chat_prompt
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
+    ids = chat_prompt(tokenizer, [{"role": "user", "content": "Hello"}])
+    assert tokenizer.decode(ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert cli.main(["generate", "--model", MODEL_DIR, "--prompt", "Hello", "--prompt", "Where is the mill?", "--chat",
+                     "--max-new-tokens", "3"]) == 0
