@@ -1,0 +1,139 @@
+"""Training throughput of one jaxft train step: tokens/s, MFU, peak device memory, compile time.
+
+    python benchmarks/train_throughput.py --preset llama3.2-1b --mode full --batch 8 --seq 2048 --remat dots_no_batch
+    python benchmarks/train_throughput.py --preset llama3.1-8b --mode lora --rank 16 --batch 4 --seq 2048
+    python benchmarks/train_throughput.py --preset tiny --steps 3           # what CI runs
+
+Random weights of the preset's real shapes (jaxft.presets; nothing downloaded). Steady state: the
+step is compiled, run `--warmup` times, then `--steps` times, synchronized. MFU follows DESIGN.md
+(jaxft.metrics.model_flops_per_token ÷ the device's bf16 peak). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+PRESETS = {
+    "tiny": {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.3",
+}
+
+
+def hf_config_for(preset: str) -> dict:
+    from jaxft import presets
+
+    value = PRESETS[preset]
+    return dict(presets.HF_CONFIGS[value] if isinstance(value, str) else value)
+
+
+def run(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxft
+    from jaxft import metrics, optim, step
+    from jaxft.testing import train_batch
+
+    hf_config = hf_config_for(args.preset)
+    model = jaxft.init_random(hf_config, dtype=args.param_dtype, compute_dtype=args.compute_dtype)
+    trainable = lambda path, v: True  # noqa: E731
+    if args.mode == "lora":
+        from jaxft.peft import lora
+
+        lora.apply_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets="all-linear"))
+        trainable = lora.is_lora_param
+    if args.attention != "auto":
+        for module in _attention_modules(model):
+            module.implementation = args.attention
+    model_def, params, frozen = step.split_model(model, trainable, remat=args.remat)
+    optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-5, schedule="constant"), params, model_def.axes)
+    state = step.init_state(params, frozen, optimizer)
+    batch = {k: jnp.asarray(v) for k, v in train_batch(hf_config["vocab_size"], batch=args.batch, length=args.seq).items()}
+    batch["loss_mask"] = jnp.ones_like(batch["loss_mask"])
+    batch["attention_mask"] = jnp.ones_like(batch["attention_mask"])
+    batch["positions"] = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
+    batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat=args.remat,
+                                                                                    grad_accum=args.grad_accum)),
+                         donate_argnums=0)
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    for _ in range(args.warmup):
+        state, out = compiled(state, batch)
+    jax.block_until_ready((state, out))
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, out = compiled(state, batch)
+    jax.block_until_ready((state, out))
+    seconds = (time.perf_counter() - start) / args.steps
+    total = sum(int(np.prod(x.shape)) for p, x in {**params, **frozen}.items() if ".adapter." not in p)
+    trained = sum(int(np.prod(x.shape)) for x in params.values())
+    flops = metrics.model_flops_per_token(total, hf_config["num_hidden_layers"], hf_config["hidden_size"], args.seq,
+                                          None if args.mode == "full" else trained)
+    tokens_per_second = args.batch * args.seq / seconds
+    device = jax.devices()[0]
+    peak = metrics.device_peak_flops(device)
+    memory = device.memory_stats() or {}
+    return {
+        "benchmark": "train_throughput", "framework": "jaxft", "date": time.strftime("%Y-%m-%d"),
+        "device": device.device_kind, "backend": jax.default_backend(), "host": platform.node(),
+        "jax_version": jax.__version__, **{k: getattr(args, k) for k in ("preset", "mode", "rank", "batch", "seq", "remat",
+                                                                          "attention", "param_dtype", "compute_dtype",
+                                                                          "grad_accum", "steps", "warmup")},
+        "params": total, "trainable_params": trained, "flops_per_token": flops,
+        "step_seconds": seconds, "tokens_per_second": tokens_per_second,
+        "mfu": tokens_per_second * flops / peak if peak else None, "device_peak_flops": peak,
+        "peak_memory_bytes": memory.get("peak_bytes_in_use"), "compile_seconds": compile_seconds,
+        "final_loss": float(out["loss"]),
+    }
+
+
+def _attention_modules(model):
+    from flax import nnx
+
+    return [m for _, m in nnx.iter_graph(model) if hasattr(m, "implementation") and isinstance(m, nnx.Module)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--mode", choices=["full", "lora"], default="full")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+    p.add_argument("--attention", default="auto", help="attention implementation (auto = the model's default)")
+    p.add_argument("--param-dtype", default="bfloat16")
+    p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", help="also write the JSON here")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
