@@ -63,8 +63,8 @@ def run(args) -> dict:
     batch["attention_mask"] = jnp.ones_like(batch["attention_mask"])
     batch["positions"] = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
     batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat=args.remat,
-                                                                                    grad_accum=args.grad_accum)),
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(
+        remat=args.remat, grad_accum=args.grad_accum, loss_chunk=args.loss_chunk)),
                          donate_argnums=0)
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
@@ -90,7 +90,7 @@ def run(args) -> dict:
         "device": device.device_kind, "backend": jax.default_backend(), "host": platform.node(),
         "jax_version": jax.__version__, **{k: getattr(args, k) for k in ("preset", "mode", "rank", "batch", "seq", "remat",
                                                                           "attention", "param_dtype", "compute_dtype",
-                                                                          "grad_accum", "steps", "warmup")},
+                                                                          "grad_accum", "loss_chunk", "steps", "warmup")},
         "params": total, "trainable_params": trained, "flops_per_token": flops,
         "step_seconds": seconds, "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * flops / peak if peak else None, "device_peak_flops": peak,
@@ -117,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--param-dtype", default="bfloat16")
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--loss-chunk", type=int, default=0, help="cross-entropy over sequence chunks (0 = whole)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")

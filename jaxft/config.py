@@ -44,6 +44,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.clip_norm = 1.0  # global gradient norm (0 = off)
     c.train.z_loss = 0.0
     c.train.remat = "none"  # none | full | dots | dots_no_batch
+    c.train.loss_chunk = 0  # > 0: cross-entropy over sequence chunks of this size (no [B, T, vocab] logits)
     c.train.seed = 0  # data order, LoRA init, dropout
     c.train.freeze = ()  # full FT: regexes of param paths to freeze, e.g. ("embed_tokens",)
     c.train.freeze_first_layers = 0  # full FT: keep the first N decoder layers frozen

@@ -34,6 +34,7 @@ class StepConfig:
     z_loss: float = 0.0  # weight of mean(logsumexp²): keeps logits from drifting (PaLM)
     remat: str = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
     skip_nonfinite: bool = False  # a step with a non-finite loss or gradient leaves params and optimizer as they were
+    loss_chunk: int = 0  # > 0: the loss runs over sequence chunks of this many tokens, never holding [B, T, V] logits
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -111,13 +112,37 @@ def _forward(model, batch):
                  positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
 
 
+def chunked_cross_entropy_sums(model, hidden, targets, loss_mask, z_loss: float, chunk: int):
+    """cross_entropy_sums over sequence chunks: each chunk's [B, chunk, V] logits are made, reduced
+    and (under remat) recomputed in the backward pass, so full-vocab fp32 logits never coexist."""
+    batch, length, _ = hidden.shape
+    if length % chunk:
+        raise ValueError(f"train.loss_chunk={chunk} does not divide data.seq_len={length}")
+    split = lambda x: x.reshape(batch, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def one_chunk(carry, xs):
+        h, t, m = xs
+        nll, z = cross_entropy_sums(model.logits(h), t, m, z_loss)
+        return (carry[0] + nll, carry[1] + z), None
+
+    (nll, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+                               (split(hidden), split(targets), split(loss_mask)))
+    return nll, z
+
+
 def make_loss_fn(model_def: ModelDef, cfg: StepConfig):
     def loss_fn(params, frozen, batch, num_targets, rng):
         """Loss summed over this micro-batch, divided by the target count of the whole batch."""
         model = model_def.merge(params, frozen)
         with layers.dropout_rng(rng):
-            logits = _forward(model, batch)
-        nll, z = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"], cfg.z_loss)
+            if cfg.loss_chunk:
+                hidden = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+                nll, z = chunked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], cfg.z_loss,
+                                                    cfg.loss_chunk)
+            else:
+                nll, z = cross_entropy_sums(_forward(model, batch), batch["targets"], batch["loss_mask"], cfg.z_loss)
         return (nll + cfg.z_loss * z) / num_targets, (nll, z)
 
     return loss_fn

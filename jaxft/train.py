@@ -205,7 +205,8 @@ def _training_parts(model, config):
         weight_decay=config.train.weight_decay, clip_norm=config.train.clip_norm or None)
     optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
     step_cfg = step.StepConfig(grad_accum=config.train.grad_accum, z_loss=config.train.z_loss,
-                               remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip")
+                               remat=config.train.remat, skip_nonfinite=config.train.on_nonfinite == "skip",
+                               loss_chunk=config.train.loss_chunk)
     train_step = step.make_train_step(model_def, optimizer, step_cfg, optim.make_schedule(optim_cfg))
     return model_def, optimizer, train_step, step.init_state(params, frozen, optimizer, seed=config.train.seed)
 

@@ -122,3 +122,21 @@ def test_train_step_program_does_not_grow_with_depth():
         text = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat="full"))).lower(state, data).as_text()
         sizes[layers] = text.count("\n")  # one op per line
     assert sizes[16] == sizes[2], sizes
+
+
+def test_chunked_loss_equals_the_full_loss(tiny_llama):
+    """The chunked cross-entropy (no [B, T, V] logits held) gives the same loss and gradients."""
+    model = jaxft.from_pretrained(tiny_llama[0])
+    model_def, params, frozen = step.split_model(model)
+    batch = {k: jnp.asarray(v) for k, v in train_batch(128, batch=4, length=12, seed=2).items()}
+    num = batch["loss_mask"].sum()
+    results = {}
+    for chunk in (0, 4):
+        loss_fn = step.make_loss_fn(model_def, step.StepConfig(loss_chunk=chunk, z_loss=1e-3))
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, num, None)
+        results[chunk] = (loss, grads)
+    np.testing.assert_allclose(results[4][0], results[0][0], rtol=1e-6)
+    for path in params:
+        np.testing.assert_allclose(results[4][1][path], results[0][1][path], atol=1e-6, err_msg=path)
+    with pytest.raises(ValueError, match="loss_chunk=5 does not divide data.seq_len=12"):
+        step.make_loss_fn(model_def, step.StepConfig(loss_chunk=5))(params, frozen, batch, num, None)
