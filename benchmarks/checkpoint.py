@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import load as load_bench  # noqa: E402  (the same checkpoint shapes)
+from common import emit  # noqa: E402
 
 
 def measure_checkpoint(folder: str, workdir: str) -> dict:
@@ -95,11 +96,7 @@ def main() -> None:
     result = {"benchmark": "checkpoint", "date": time.strftime("%Y-%m-%d"), "host": platform.node(),
               "cpus": os.cpu_count(), "device": jax.devices()[0].device_kind, **info, **results,
               "export_overhead_vs_largest_tensor": results["export_overhead_bytes"] / info["largest_tensor_bytes"]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

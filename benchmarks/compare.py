@@ -17,6 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from common import emit  # noqa: E402
 from train_throughput import parser  # noqa: E402
 
 
@@ -38,13 +39,7 @@ def main(argv=None) -> dict:
         ratios["tokens_per_second"] = jaxft_result["tokens_per_second"] / baseline["tokens_per_second"]
         if jaxft_result.get("peak_memory_bytes") and baseline.get("peak_memory_bytes"):
             ratios["peak_memory"] = jaxft_result["peak_memory_bytes"] / baseline["peak_memory_bytes"]
-    result = {"benchmark": "compare", "jaxft": jaxft_result, "transformers_peft": baseline, "ratios": ratios}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit({"benchmark": "compare", "jaxft": jaxft_result, "transformers_peft": baseline, "ratios": ratios}, args.out)
 
 
 if __name__ == "__main__":

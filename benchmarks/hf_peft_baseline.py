@@ -9,13 +9,13 @@ jaxft's remat). Prints the same JSON fields.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
 from train_throughput import hf_config_for, parser  # noqa: E402
 
 
@@ -83,13 +83,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+    return emit(run(args), args.out)
 
 
 if __name__ == "__main__":

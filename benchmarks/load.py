@@ -24,6 +24,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
+
 # Llama-shaped presets: hidden, intermediate, heads, kv heads, vocab.
 PRESETS = {"llama-2048": (2048, 5632, 16, 4, 32000), "tiny": (128, 256, 4, 2, 1000)}
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = PRESETS["llama-2048"]
@@ -214,11 +217,7 @@ def main() -> None:
         "all_load_seconds": [r["load_seconds"] for r in loads],
         "goals": {"load_vs_raw_read": ">= 0.7", "overhead_vs_largest_tensor": "< 2"},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

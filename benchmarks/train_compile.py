@@ -9,8 +9,9 @@ in about the time of 2. steps/s is measured after compilation, synchronized, on 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -19,6 +20,9 @@ import jax.numpy as jnp
 import jaxft
 from jaxft import optim, step
 from jaxft.testing import train_batch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit  # noqa: E402
 
 
 def measure(num_layers: int, hidden: int, batch: int, seq: int, steps: int, remat: str) -> dict:
@@ -61,11 +65,7 @@ def main() -> None:
               "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "hidden": args.hidden,
               "batch": args.batch, "seq": args.seq, "remat": args.remat, "runs": runs,
               "compile_ratio_deepest_vs_shallowest": runs[-1]["compile_seconds"] / runs[0]["compile_seconds"]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
