@@ -3,7 +3,7 @@
     jaxft train --config configs/demo.py [--config.KEY=VALUE ...]
     jaxft export --workdir DIR --out OUT --format hf|peft [--step N] [--dtype bfloat16]
     jaxft eval --config configs/demo.py --workdir DIR     # or --model PATH; eval loss + task exact match
-    jaxft demo                                  # load the bundled tiny model, show logits + a generation
+    jaxft demo                                  # the embedded default: fine-tune the bundled tiny model
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
 """
@@ -67,28 +67,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    import jax.numpy as jnp
-    import numpy as np
+def cmd_demo(args, overrides: list[str]) -> int:
+    """The embedded default end to end: LoRA fine-tune of the bundled model, report, HF export, reload."""
+    import logging
 
-    from jaxft.demo import MODEL_DIR
-    from jaxft.generate import greedy_generate
+    import jaxft
+    from jaxft import config as config_lib
+    from jaxft import evaluate, export
+    from jaxft.demo.config import get_config
+    from jaxft.report import read_metrics
+    from jaxft.train import train
 
-    model, seconds = _load(MODEL_DIR, "float32")
-    tokenizer = _tokenizer(MODEL_DIR)
-    prompt = args.prompt
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    logits = np.asarray(model(jnp.asarray([ids])))
-    config = model.config
-    print(f"Loaded the bundled demo model ({config.model_type}, {config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size}, vocab {config.vocab_size}) in {seconds:.2f}s")
-    print(f"Prompt: {prompt!r} → {len(ids)} tokens; logits {list(logits.shape)}")
-    top = np.argsort(-logits[0, -1])[:5]
-    print("Next-token top 5: " + ", ".join(f"{tokenizer.decode([t])!r} ({logits[0, -1, t]:+.3f})" for t in top))
-    out = greedy_generate(model, [ids], args.max_new_tokens, eos_id=tokenizer.eos_token_id)[0]
-    print(f"Greedy continuation: {tokenizer.decode(out)!r}")
-    print("(The demo weights are random until the fine-tuning CLI lands; the tokenizer is trained on "
-          "jaxft/demo/corpus.txt.)")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = get_config(args.variant)
+    config.workdir = args.workdir
+    for item in overrides:
+        config_lib.apply_override(config, item)
+    print(f"Fine-tuning the bundled demo model ({config.model.path}) with LoRA r{config.lora.rank} "
+          f"for {config.train.steps} steps → {config.workdir}")
+    summary = train(config)
+    train_rows, _ = read_metrics(summary["workdir"])
+    if train_rows:
+        print(f"train loss {train_rows[0]['loss']:.3f} (step {train_rows[0]['step']}) → "
+              f"{train_rows[-1]['loss']:.4f} (step {train_rows[-1]['step']}) in {summary['seconds']:.1f}s")
+    task = summary.get("task", {})
+    for when in ("before", "after"):
+        if when in task:
+            print(f"exact match on {config.eval.task_file} {when} training: {task[when]['exact_match']:.0%}")
+    print(f"report: {summary['workdir']}/report.html")
+    if summary["stopped_early"]:
+        print("stopped early; run `jaxft demo` again to continue")
+        return 0
+
+    # The merged export is an ordinary HF folder: reload it (transformers loads it the same way).
+    out = export.export(summary["workdir"], f"{summary['workdir']}/hf", format="hf")
+    reloaded = jaxft.from_pretrained(out, dtype="float32")
+    rows = evaluate.read_task(config.eval.task_file)
+    check = evaluate.task_accuracy(reloaded, _tokenizer(out), rows, config.eval.max_new_tokens, samples=3)
+    print(f"merged HF export: {out} (reloaded: exact match {check['exact_match']:.0%})")
+    for sample in check["samples"]:
+        print(f"  {sample['prompt']!r} → {sample['output']!r} (expected {sample['answer']!r})")
+    print("Next: jaxft generate --model " + out + " --prompt 'Q: ...?\\nA:'  |  "
+          "jaxft export --workdir " + summary["workdir"] + " --out adapter --format peft")
     return 0
 
 
@@ -181,9 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights' dtype in the export (default: the model's)")
     export.set_defaults(run=cmd_export)
 
-    demo = commands.add_parser("demo", help="run the bundled tiny model (no download)")
-    demo.add_argument("--prompt", default="The baker opens the shop and")
-    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo = commands.add_parser("demo", help="the embedded default: LoRA fine-tune of the bundled tiny model, "
+                                            "report, HF export (no download, ~30 s on CPU)")
+    demo.add_argument("--workdir", default="workdir/demo", help="where the run, its report and export go")
+    demo.add_argument("--variant", default="", choices=["", "smoke"], help="smoke: 4 steps through every part")
     demo.set_defaults(run=cmd_demo)
 
     info = commands.add_parser("info", help="describe a checkpoint (local folder or hub id)")
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=cmd_generate)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "demo"):
         unknown = [a for a in extra if not a.startswith("--config.")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")

@@ -23,6 +23,9 @@ from jaxft.pretrained import DTYPES, save_pretrained
 
 # Our adapter param name → PEFT's key suffix (the module path before it is the HF module path).
 _PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
+# Modules trained whole beside the adapters, which PEFT saves as they are (`modules_to_save`), with
+# the task type they imply: the sequence-classification head (jaxft.models.classification).
+_WHOLE_MODULES = {"score": "SEQ_CLS"}
 
 
 def export(workdir: str, out: str, format: str = "hf", step: int | None = None, dtype: str | None = None) -> str:
@@ -51,8 +54,15 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
 def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None) -> None:
     """adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` etc., one per
     layer, and the adapter_config.json PEFT writes for the same LoRA settings."""
-    entries, modules = [], set()
+    entries, modules, whole = [], set(), set()
     for path, value in sorted(params.items()):
+        module = path.split(".", 1)[0]
+        if module in _WHOLE_MODULES and ".adapter." not in path:  # PEFT's key: the HF key under base_model.model.
+            whole.add(module)
+            out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(value.dtype)
+            entries.append((f"base_model.model.{path}", tuple(value.shape), out_dtype,
+                            lambda v=value: np.asarray(jax.device_get(v))))
+            continue
         module_path, _, name = path.rpartition(".adapter.")
         if not _ or name not in _PEFT_NAMES:
             raise ValueError(f"trainable param {path} is not a LoRA adapter param; a PEFT adapter cannot carry it")
@@ -70,7 +80,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
     base = meta["base"]
     hf.write_json(out, "adapter_config.json", {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": _WHOLE_MODULES[min(whole)] if whole else "CAUSAL_LM",
         "base_model_name_or_path": base.get("repo_id") or base["path"],
         "revision": base.get("revision"),
         "r": lora["rank"],
@@ -81,7 +91,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
         "use_dora": lora["use_dora"],
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": sorted(whole) or None,
         "init_lora_weights": True,
         "inference_mode": True,
     })

@@ -62,17 +62,18 @@ def write_report(workdir: str, summary: dict) -> str:
         parts.append("<h2>Loss</h2><img src='loss_curve.png' alt='loss curve' width='700'>")
     task = summary.get("task")
     if task:
-        before, after = task.get("before"), task["after"]
+        before, after = task.get("before"), task.get("after")  # "after" is absent when a run stopped early
         parts.append("<h2>Task evaluation</h2><table><tr><th></th><th>exact match</th><th>contains</th></tr>")
         for name, result in (("before training", before), ("after training", after)):
             if result:
                 parts.append(f"<tr><th>{name}</th><td>{result['exact_match']:.1%}</td><td>{result['contains']:.1%}</td></tr>")
         parts.append("</table><h2>Samples</h2><table><tr><th>prompt</th><th>answer</th><th>before</th><th>after</th></tr>")
         before_samples = {s["prompt"]: s["output"] for s in (before or {}).get("samples", [])}
-        for sample in after["samples"]:
+        for sample in (after or before)["samples"]:
             ok = "ok" if sample["output"] == sample["answer"] else "bad"
+            after_output = sample["output"] if after else ""
             parts.append(f"<tr><td>{e(sample['prompt'])}</td><td>{e(sample['answer'])}</td>"
-                         f"<td>{e(before_samples.get(sample['prompt'], ''))}</td><td class='{ok}'>{e(sample['output'])}</td></tr>")
+                         f"<td>{e(before_samples.get(sample['prompt'], ''))}</td><td class='{ok}'>{e(after_output)}</td></tr>")
         parts.append("</table>")
     path = os.path.join(workdir, "report.html")
     with open(path, "w") as f:

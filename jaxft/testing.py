@@ -45,14 +45,20 @@ def tiny_hf_config(case_or_type: str, **overrides):
 
 
 def tiny_hf_model(folder: str | os.PathLike, case_or_type: str = "llama3_rope", seed: int = 0,
-                  dtype: str = "float32", **overrides):
-    """Builds, perturbs and saves a random transformers model; returns (folder, torch model in eval mode)."""
+                  dtype: str = "float32", task: str = "causal_lm", **overrides):
+    """Builds, perturbs and saves a random transformers model; returns (folder, torch model in eval mode).
+
+    task: "causal_lm" (AutoModelForCausalLM) or "classification" (AutoModelForSequenceClassification;
+    pass num_labels and pad_token_id in overrides).
+    """
     import torch
     import transformers
 
     config = tiny_hf_config(case_or_type, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    auto = {"causal_lm": transformers.AutoModelForCausalLM,
+            "classification": transformers.AutoModelForSequenceClassification}[task]
+    model = auto.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for param in model.parameters():

@@ -36,16 +36,19 @@ def test_generation_stops_at_eos(tmp_path):
     assert stopped == free[: free.index(eos) + 1]
 
 
-def test_demo_command_runs_on_the_bundled_model(capsys):
-    assert cli.main(["demo", "--max-new-tokens", "4"]) == 0
+def test_demo_command_trains_reports_exports_and_reloads(tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert cli.main(["demo", "--variant", "smoke", "--workdir", str(workdir), "--config.eval.max_new_tokens=2"]) == 0
     out = capsys.readouterr().out
-    assert "Loaded the bundled demo model (llama, 2 layers" in out
-    assert "logits [1, " in out and "Greedy continuation" in out
+    assert "with LoRA r8 for 4 steps" in out and "(step 4)" in out
+    assert "before training: 0%" in out and "after training:" in out
+    assert f"merged HF export: {workdir}/hf (reloaded: exact match" in out
+    assert (workdir / "report.html").exists() and (workdir / "hf" / "model.safetensors").exists()
 
 
 def test_info_and_generate_commands(capsys):
     assert cli.main(["info", "--model", MODEL_DIR]) == 0
-    assert "family     llama: 2 layers" in capsys.readouterr().out
+    assert "family     llama: 4 layers" in capsys.readouterr().out
     assert cli.main(["generate", "--model", MODEL_DIR, "--prompt", "The river", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("The river")
 

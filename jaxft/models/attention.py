@@ -61,17 +61,20 @@ def default_positions(mask: MaskInfo) -> jnp.ndarray:
     return jnp.maximum(count - base - 1, 0).astype(jnp.int32)
 
 
-def reference_attention(q, k, v, mask: MaskInfo, window, scale: float) -> jnp.ndarray:
+def reference_attention(q, k, v, mask: MaskInfo, window, scale: float, softcap: float | None = None) -> jnp.ndarray:
     """Grouped-query attention in plain XLA. q [B, T, H, D]; k, v [B, S, K, D]; returns [B, T, H, D].
 
     Scores and softmax run in float32 whatever the compute dtype, as HF's eager and sdpa paths do.
-    Fully masked query rows (padding) get a uniform softmax instead of NaN, as in HF.
+    Fully masked query rows (padding) get a uniform softmax instead of NaN, as in HF. `softcap`
+    (Gemma 2) squashes the scaled scores to (-softcap, softcap) with tanh before the mask.
     """
     batch, length, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
     q = q.reshape(batch, length, num_kv_heads, groups, head_dim)  # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     allowed = mask.dense(window)[:, None, None, :, :]  # [B, 1, 1, T, S]
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -82,9 +85,12 @@ def reference_attention(q, k, v, mask: MaskInfo, window, scale: float) -> jnp.nd
 IMPLEMENTATIONS = {"xla": reference_attention}
 
 
-def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str = "xla") -> jnp.ndarray:
+def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str = "xla",
+              softcap: float | None = None) -> jnp.ndarray:
     try:
         fn = IMPLEMENTATIONS[implementation]
     except KeyError:
         raise ValueError(f"unknown attention implementation {implementation!r}; available: {sorted(IMPLEMENTATIONS)}") from None
-    return fn(q, k, v, mask, window, scale)
+    if softcap is None:  # implementations without soft-capping keep their original signature
+        return fn(q, k, v, mask, window, scale)
+    return fn(q, k, v, mask, window, scale, softcap=softcap)

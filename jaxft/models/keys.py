@@ -1,9 +1,11 @@
 """Key tables: how a family's parameters map to Hugging Face checkpoint keys.
 
 A table is a list of `KeyRule`s, one per parameter. Params stacked over layers name their HF key
-with `{layer}`. The same table read backwards is the export. Checking a checkpoint against a table
-finds every problem at once — unmapped keys, unfilled params, wrong shapes — before any tensor is
-read, so a bad checkpoint costs nothing and the error lists all that is wrong.
+with `{layer}`. Several params may share one fused HF tensor (Phi-3's `qkv_proj`), each holding a
+block of its rows: loading reads each param's rows, exporting concatenates them back. The same
+table read backwards is the export. Checking a checkpoint against a table finds every problem at
+once — unmapped keys, unfilled params, wrong shapes — before any tensor is read, so a bad
+checkpoint costs nothing and the error lists all that is wrong.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ LAYER = "{layer}"
 class KeyRule:
     param: str  # '.'-joined path in the model's nnx.State, e.g. "model.layers.mlp.up_proj.weight"
     hf: str  # HF key, e.g. "model.layers.{layer}.mlp.up_proj.weight"
+    # A fused HF tensor: this param is rows [start, stop) of its first (per-layer) axis. None: all of it.
+    rows: tuple[int, int] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -39,6 +43,32 @@ def mirror_rules(param_paths: Iterable[str], stacked_prefix: str) -> list[KeyRul
     return rules
 
 
+def unused_keys(tie_word_embeddings: bool) -> list[str]:
+    """Regexes of checkpoint keys that hold nothing to load: RoPE buffers some old exports saved,
+    and with tied embeddings a redundant lm_head copy (transformers ties it to the embedding)."""
+    patterns = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.\w*inv_freq"]
+    if tie_word_embeddings:
+        patterns.append(r"lm_head\.weight")
+    return patterns
+
+
+def fused_rules(hf: str, parts: Sequence[tuple[str, int]]) -> list[KeyRule]:
+    """Rules for params stored side by side in one HF tensor; parts: (param path, row count) in order."""
+    rules, start = [], 0
+    for path, count in parts:
+        rules.append(KeyRule(param=path, hf=hf, rows=(start, start + count)))
+        start += count
+    return rules
+
+
+def group_by_key(rules: Sequence[KeyRule]) -> dict[str, list[KeyRule]]:
+    """HF key pattern → its rules, ordered by rows (one rule unless the tensor is fused)."""
+    groups: dict[str, list[KeyRule]] = {}
+    for rule in rules:
+        groups.setdefault(rule.hf, []).append(rule)
+    return {hf: sorted(group, key=lambda r: r.rows or (0, 0)) for hf, group in groups.items()}
+
+
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the model; the message lists every key and shape at fault."""
 
@@ -52,18 +82,22 @@ def check_checkpoint(rules: Sequence[KeyRule], param_shapes: dict[str, tuple[int
     """
     problems: list[str] = []
     mapped: set[str] = set()
-    for rule in rules:
-        expected = param_shapes[rule.param]
-        per_key = expected[1:] if rule.stacked else expected
-        if rule.stacked and expected[0] != num_layers:
-            problems.append(f"param {rule.param} has {expected[0]} layers, config says {num_layers}")
-        for key in rule.hf_keys(num_layers):
+    for group in group_by_key(rules).values():
+        for rule in group:
+            if rule.stacked and param_shapes[rule.param][0] != num_layers:
+                problems.append(f"param {rule.param} has {param_shapes[rule.param][0]} layers, config says {num_layers}")
+        per_key, problem = _key_shape(group, param_shapes)
+        if problem:
+            problems.append(problem)
+            continue
+        names = "param " + group[0].param if len(group) == 1 else "params " + ", ".join(r.param for r in group)
+        for key in group[0].hf_keys(num_layers):
             mapped.add(key)
             if key not in checkpoint_shapes:
-                problems.append(f"missing: no checkpoint key {key!r} for param {rule.param} {list(per_key)}")
+                problems.append(f"missing: no checkpoint key {key!r} for {names} {list(per_key)}")
             elif tuple(checkpoint_shapes[key]) != tuple(per_key):
                 problems.append(f"shape mismatch: {key!r} in {where.get(key, '?')} is {list(checkpoint_shapes[key])}, "
-                                f"param {rule.param} expects {list(per_key)}")
+                                f"{names} {'expects' if len(group) == 1 else 'expect'} {list(per_key)}")
     ignored = [re.compile(p) for p in ignored_patterns]
     unmapped = sorted(k for k in checkpoint_shapes if k not in mapped and not any(p.fullmatch(k) for p in ignored))
     for key in unmapped:
@@ -74,3 +108,20 @@ def check_checkpoint(rules: Sequence[KeyRule], param_shapes: dict[str, tuple[int
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
         raise CheckpointMismatchError(f"checkpoint does not match the model ({len(problems)} problem(s)):\n  "
                                       + "\n  ".join(shown) + more)
+
+
+def _key_shape(group: list[KeyRule], param_shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[int, ...], str | None]:
+    """The shape one HF key must have for this group of rules, or a problem with the table itself."""
+    shapes = [tuple(param_shapes[r.param][1:] if r.stacked else param_shapes[r.param]) for r in group]
+    if group[0].rows is None:
+        if len(group) > 1:
+            return (), f"table error: {group[0].hf!r} is mapped by {[r.param for r in group]} without row ranges"
+        return shapes[0], None
+    stop = 0
+    for rule, shape in zip(group, shapes):
+        start, end = rule.rows
+        if start != stop or end - start != shape[0] or shape[1:] != shapes[0][1:]:
+            return (), (f"table error: rows {rule.rows} of {rule.hf!r} do not fit param {rule.param} {list(shape)} "
+                        f"after row {stop}")
+        stop = end
+    return (stop, *shapes[0][1:]), None

@@ -72,17 +72,33 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """HF's RMSNorm: normalize in float32, cast back, then scale (the order matters in bf16)."""
+    """HF's RMSNorm: normalize in float32, cast back, then scale (the order matters in bf16).
 
-    def __init__(self, features: int, *, eps: float, param_dtype, dtype, rngs: nnx.Rngs):
-        self.weight = param(rngs, nnx.initializers.ones_init(), (features,), param_dtype, (Axis.NORM,))
+    plus_one (Gemma): the stored weight w is an offset, the scale is (1 + w), and the product is
+    taken in float32 before the cast, as GemmaRMSNorm does; w starts at 0.
+    """
+
+    def __init__(self, features: int, *, eps: float, param_dtype, dtype, rngs: nnx.Rngs, plus_one: bool = False):
+        init = nnx.initializers.zeros_init() if plus_one else nnx.initializers.ones_init()
+        self.weight = param(rngs, init, (features,), param_dtype, (Axis.NORM,))
         self.eps = eps
         self.dtype = dtype
+        self.plus_one = plus_one
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(self.dtype)
         return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+# HF `hidden_act` names → functions (gelu_pytorch_tanh is torch's tanh approximation of GELU).
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -22,7 +22,12 @@ _FAMILIES = {
     "mistral": ("jaxft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("jaxft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("jaxft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "gemma": ("jaxft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("jaxft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma3_text": ("jaxft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "phi3": ("jaxft.models.phi3", "Phi3Config", "Phi3ForCausalLM"),
 }
+# Every family's decoder also takes a sequence-classification head: jaxft.models.classification.
 
 
 def supported_model_types() -> list[str]:

@@ -4,6 +4,8 @@ Each variant computes `inv_freq` (one frequency per rotated pair) and an `attent
 scales cos/sin, exactly as `transformers.modeling_rope_utils` does, in float32 on the host, so that
 a checkpoint's positions mean the same thing here as in PyTorch. Types that depend on the running
 sequence length (`dynamic`) change the model as it generates, so fine-tuning them is refused.
+LongRoPE (Phi-3) is the exception we take: it has just two fixed tables, and which one applies is
+decided per batch exactly as transformers decides it (see `Rotary`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class RopeConfig:
         raw.pop("type", None)
         theta = float(raw.pop("rope_theta", hf.get("rope_theta", 10000.0)))
         partial = float(raw.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
+        # Lists (LongRoPE's factors) become tuples: the config must stay hashable, hence jit-static.
+        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         if rope_type not in _INV_FREQ:
             raise ValueError(
                     f"{where}: rope type {rope_type!r} is not supported (supported: {sorted(_INV_FREQ)}); "
@@ -51,7 +55,8 @@ class RopeConfig:
     def to_hf(self) -> dict[str, Any]:
         """v4 keys (`rope_theta`, `rope_scaling`), which transformers v4 reads and v5 standardizes."""
         out: dict[str, Any] = {"rope_theta": self.theta}
-        out["rope_scaling"] = None if self.rope_type == "default" else {"rope_type": self.rope_type, **dict(self.params)}
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params}
+        out["rope_scaling"] = None if self.rope_type == "default" else {"rope_type": self.rope_type, **params}
         if self.partial_rotary_factor != 1.0:
             out["partial_rotary_factor"] = self.partial_rotary_factor
         return out
@@ -114,12 +119,64 @@ def _yarn(rope: RopeConfig, dim: int, max_pos: int) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
-_INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn}
+def _longrope(rope: RopeConfig, dim: int, max_pos: int, long: bool = False) -> tuple[np.ndarray, float]:
+    """LongRoPE: per-frequency rescaling factors, `short_factor` up to the original context length
+    and `long_factor` beyond it; cos/sin scaled by √(1 + ln(factor) / ln(original))."""
+    original = rope.param("original_max_position_embeddings")
+    if original is None:
+        raise ValueError("longrope needs original_max_position_embeddings")
+    factor = rope.param("factor") or max_pos / original
+    attention_factor = rope.param("attention_factor")
+    if attention_factor is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    name = "long_factor" if long else "short_factor"
+    ext_factors = np.asarray(rope.param(name), np.float32)
+    if ext_factors.shape != (dim // 2,):
+        raise ValueError(f"longrope {name} has {ext_factors.size} entries; rotary dim {dim} needs {dim // 2}")
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = 1.0 / (ext_factors * np.float32(rope.theta) ** exponents)
+    return inv_freq.astype(np.float32), float(attention_factor)
+
+
+_INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope}
 
 
 def inv_freq_and_scale(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:
     rotary_dim = int(head_dim * rope.partial_rotary_factor)
     return _INV_FREQ[rope.rope_type](rope, rotary_dim, max_position_embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+    """One RoPE table, fixed when the model is built: static (hashable, part of the graph), never a
+    parameter, so training cannot move it.
+
+    LongRoPE keeps a second table: like transformers, the whole batch uses the long one as soon as
+    its largest position + 1 exceeds `long_after` (the original context length), the short one
+    otherwise.
+    """
+
+    inv_freq: tuple[float, ...]  # [R/2]
+    attention_factor: float = 1.0
+    long_inv_freq: tuple[float, ...] | None = None  # [R/2], LongRoPE only
+    long_after: int = 0
+
+    @classmethod
+    def build(cls, rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> "Rotary":
+        inv_freq, attention_factor = inv_freq_and_scale(rope, head_dim, max_position_embeddings)
+        if rope.rope_type != "longrope":
+            return cls(tuple(float(f) for f in inv_freq), float(attention_factor))
+        long, _ = _longrope(rope, int(head_dim * rope.partial_rotary_factor), max_position_embeddings, long=True)
+        return cls(tuple(float(f) for f in inv_freq), float(attention_factor),
+                   long_inv_freq=tuple(float(f) for f in long), long_after=int(rope.param("original_max_position_embeddings")))
+
+    def cos_sin(self, positions: jnp.ndarray, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """positions [B, T] → cos, sin [B, T, R]."""
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        if self.long_inv_freq is not None:
+            longer = jnp.max(positions) + 1 > self.long_after
+            inv_freq = jnp.where(longer, jnp.asarray(self.long_inv_freq, jnp.float32), inv_freq)
+        return rotary_cos_sin(positions, inv_freq, self.attention_factor, dtype)
 
 
 def rotary_cos_sin(positions: jnp.ndarray, inv_freq: np.ndarray, attention_factor: float, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -56,7 +56,8 @@ def test_exports_match_the_trained_model(tmp_path, kind):
     export.export(str(tmp_path / "run"), str(tmp_path / "hf"), format="hf")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     merged_logits = torch_logits(merged, ids, mask, positions)
-    assert np.abs(merged_logits - expected)[valid].max() <= 1e-5
+    # Merging W + s·BA rounds once in fp32; on the demo model's logits (|x| up to ~20) that is ~1e-5.
+    assert np.abs(merged_logits - expected)[valid].max() <= 1e-4
     assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
     transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # the tokenizer travels with it
 

@@ -8,37 +8,26 @@ than silently approximated.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
-from jaxft.models.rope import RopeConfig
+from jaxft.models import hf_config
+from jaxft.models.decoder import DecoderSpec
+from jaxft.models.rope import RopeConfig, Rotary
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-# config.json fields this config reads, or that change nothing in a causal-LM forward pass.
-_KNOWN = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "_name_or_path",
-    "return_dict", "output_hidden_states", "output_attentions", "tie_word_embeddings", "id2label",
-    "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
-    "task_specific_params", "use_sliding_window", "max_window_layers", "sliding_window", "layer_types",
+# config.json fields this family reads (beyond hf_config's dimensions and inert fields).
+_FIELDS = {
+    "tie_word_embeddings", "use_sliding_window", "max_window_layers", "sliding_window", "layer_types",
     "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor", "head_dim",
-    "attention_bias", "mlp_bias", "pretraining_tp", "hidden_act", "rms_norm_eps", "vocab_size",
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "max_position_embeddings", "quantization_config",
+    "attention_bias", "mlp_bias", "pretraining_tp", "hidden_act", "rms_norm_eps", "max_position_embeddings",
 }
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(hf_config.Dimensions):
     model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
@@ -64,33 +53,16 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "LlamaConfig":
-        model_type = hf.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"{where}: model_type {model_type!r} is not in the Llama family {MODEL_TYPES}")
+        model_type = hf_config.check(hf, "Llama", MODEL_TYPES, _FIELDS, where)
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         if hf.get("pretraining_tp", 1) not in (None, 1):
             raise ValueError(f"{where}: pretraining_tp={hf['pretraining_tp']} (sliced projections) is not supported")
-        if hf.get("quantization_config"):
-            raise ValueError(f"{where}: pre-quantized checkpoints ({hf['quantization_config'].get('quant_method')}) "
-                             "are not supported; load the unquantized weights")
-        unknown = sorted(set(hf) - _KNOWN)
-        if unknown:
-            logging.warning("%s: ignoring field(s) %s, which do not change the forward pass", where, unknown)
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if k not in hf]
-        if missing:
-            raise ValueError(f"{where}: missing required field(s) {missing}")
         layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
         attention_bias = bool(hf.get("attention_bias", False))
         return cls(
             model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            **hf_config.dimensions(hf),
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
@@ -101,27 +73,18 @@ class LlamaConfig:
             mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_windows=_sliding_windows(hf, model_type, layers, where),
-            token_ids=tuple((k, hf[k]) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf),
+            token_ids=hf_config.token_ids(hf),
         )
 
+    def decoder_spec(self) -> DecoderSpec:
+        return DecoderSpec.of(
+            self, ropes=(Rotary.build(self.rope, self.head_dim, self.max_position_embeddings),),
+            windows=self.sliding_windows, qkv_bias=self.qkv_bias, o_bias=self.o_bias, mlp_bias=self.mlp_bias,
+            qk_norm=self.qk_norm)
+
     def to_hf(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[self.model_type]],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            **self.rope.to_hf(),
-            **dict(self.token_ids),
-        }
+        out = {**hf_config.common_to_hf(self, _ARCHITECTURES[self.model_type]), "head_dim": self.head_dim,
+               "hidden_act": "silu", **self.rope.to_hf()}
         if self.model_type in ("llama", "qwen3"):
             out["attention_bias"] = self.qkv_bias
         if self.model_type == "llama":

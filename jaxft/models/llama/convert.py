@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from jaxft.models.keys import KeyRule, mirror_rules
+from jaxft.models.keys import KeyRule, mirror_rules, unused_keys
 from jaxft.models.llama.config import LlamaConfig
 
 
@@ -18,9 +18,4 @@ def key_table(cfg: LlamaConfig, param_paths: Iterable[str]) -> list[KeyRule]:
 
 
 def ignored_keys(cfg: LlamaConfig) -> list[str]:
-    """Regexes of checkpoint keys to skip: RoPE buffers some old exports saved, and with tied
-    embeddings a redundant lm_head copy (transformers ties it to the embedding as well)."""
-    patterns = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
-    if cfg.tie_word_embeddings:
-        patterns.append(r"lm_head\.weight")
-    return patterns
+    return unused_keys(cfg.tie_word_embeddings)

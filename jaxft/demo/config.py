@@ -1,0 +1,38 @@
+"""The embedded default: teach the bundled tiny model 48 made-up facts with LoRA. No download, CPU is fine.
+
+    jaxft demo                                           # train, report, export, reload: ~30 s on 2 CPU cores
+    jaxft train --config configs/demo.py                 # the same training step by step
+    jaxft train --config configs/demo.py:smoke           # a few steps through every part
+    jaxft export --workdir workdir/demo --out workdir/demo/hf --format hf
+
+The base (jaxft/demo/model, pre-trained by `python -m jaxft.demo.build`) knows some English and the
+"Q: ...?\\nA: ..." format, but has never heard of the people in jaxft/demo/facts_train.jsonl. The
+run's report (workdir/demo/report.html) shows the exact match on their questions before and after.
+"""
+
+from jaxft import config as config_lib
+from jaxft.demo import FACTS_EVAL, FACTS_TRAIN, MODEL_DIR
+
+
+def get_config(arg: str = ""):
+    c = config_lib.default_config()
+    c.workdir = "workdir/demo"
+    c.model.path = MODEL_DIR  # the bundled tiny Llama (4 layers, hidden 128) and its BPE tokenizer
+    c.data.train = FACTS_TRAIN  # {"prompt": "Q: Where does ... live?\nA:", "completion": " Greywick"}
+    c.data.validation = FACTS_TRAIN  # memorizing these is the goal, so eval loss is on them too
+    c.data.format = "prompt_completion"  # the loss is on the answer (and EOS) only
+    c.data.seq_len = 64  # ~3 facts packed per row
+    c.train.steps = 60  # each fact seen ~30 times; the loss is below 0.02 by step 20
+    c.train.batch_size = 8
+    c.train.learning_rate = 5e-3  # high, as LoRA on a tiny model allows
+    c.train.warmup_steps = 6
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.checkpoint.every = 30
+    c.eval.task_file = FACTS_EVAL  # exact match of greedy answers, before and after training
+    c.eval.max_new_tokens = 8  # the longest answers ("a brown tortoise") are 3 tokens + EOS
+    if arg == "smoke":  # the smallest run that exercises every part
+        c.train.steps = 4
+        c.train.warmup_steps = 1
+        c.checkpoint.every = 2
+    return c

@@ -1,0 +1,243 @@
+"""The decoder-only transformer that every family configures, in Flax NNX.
+
+    x = embed(ids)                                     (Gemma: × √hidden)
+    for each layer (scanned):
+        x = x + attn(norm(x))                          (Gemma 2/3: x + norm(attn(norm(x))))
+        x = x + mlp(norm(x))                           (Gemma 2/3: x + norm(mlp(norm(x))))
+    logits = lm_head(norm(x))                          (Gemma 2: soft-capped)
+
+Families differ in switches, not in structure: each family's config builds a `DecoderSpec`, and
+the modules here read only that spec. Parameter paths mirror HF keys with the layer index folded
+into a leading axis: `model.layers.{i}.self_attn.q_proj.weight` [out, in] ↔
+`model.layers.self_attn.q_proj.weight` [L, out, in].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.models import attention as attn_lib
+from jaxft.models.layers import ACTIVATIONS, Axis, Embed, Linear, RMSNorm, constrain, scan_layers, stack_layers
+from jaxft.models.rope import Rotary, apply_rotary
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSpec:
+    """Everything the shared decoder needs to know about a family's architecture (hashable: static)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    ropes: tuple[Rotary, ...]  # RoPE tables; layer i uses ropes[layer_ropes[i]]
+    layer_ropes: tuple[int, ...] = ()  # () = every layer uses ropes[0]
+    windows: tuple[int | None, ...] = ()  # per layer: None = global attention, N = the last N tokens
+    activation: str = "silu"  # of the gated MLP, a layers.ACTIVATIONS key
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE (qwen3, gemma3)
+    norm_plus_one: bool = False  # Gemma: every norm scales by (1 + w)
+    sandwich_norms: bool = False  # Gemma 2/3: attention and MLP outputs are normalized too
+    embed_scale: float | None = None  # Gemma: embeddings × √hidden
+    query_scale: float | None = None  # None: 1/√head_dim; Gemma 2/3: 1/√query_pre_attn_scalar
+    attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
+    final_softcap: float | None = None  # Gemma 2/3: tanh soft-capping of the output logits
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+        if not self.windows:
+            object.__setattr__(self, "windows", (None,) * self.num_layers)
+        if not self.layer_ropes:
+            object.__setattr__(self, "layer_ropes", (0,) * self.num_layers)
+        for name in ("windows", "layer_ropes"):
+            if len(getattr(self, name)) != self.num_layers:
+                raise ValueError(f"{len(getattr(self, name))} {name} entries for {self.num_layers} layers")
+        if not self.ropes or max(self.layer_ropes) >= len(self.ropes):
+            raise ValueError(f"layer_ropes {self.layer_ropes} index past the {len(self.ropes)} RoPE table(s)")
+
+    @classmethod
+    def of(cls, cfg, **switches) -> "DecoderSpec":
+        """The spec of a family config with HF's field names (vocab_size, ..., rms_norm_eps) plus its switches."""
+        return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                   num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                   num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, norm_eps=cfg.rms_norm_eps,
+                   tie_word_embeddings=cfg.tie_word_embeddings, **switches)
+
+
+class Attention(nnx.Module):
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+        d, h, k, hd = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, h * hd, use_bias=spec.qkv_bias, axes=(Axis.HEADS, Axis.EMBED), **kw)
+        self.k_proj = Linear(d, k * hd, use_bias=spec.qkv_bias, axes=(Axis.KV_HEADS, Axis.EMBED), **kw)
+        self.v_proj = Linear(d, k * hd, use_bias=spec.qkv_bias, axes=(Axis.KV_HEADS, Axis.EMBED), **kw)
+        self.o_proj = Linear(h * hd, d, use_bias=spec.o_bias, axes=(Axis.EMBED, Axis.HEADS), **kw)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(hd, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
+            self.k_norm = RMSNorm(hd, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
+        self.qk_norm = spec.qk_norm
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
+        self.scale = hd**-0.5 if spec.query_scale is None else spec.query_scale
+        self.softcap = spec.attn_softcap
+        self.implementation = "xla"
+
+    def __call__(self, x, cos, sin, mask: attn_lib.MaskInfo, window):
+        batch, length, _ = x.shape
+        q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
+        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attn_lib.attention(q, k, v, mask, window, self.scale, self.implementation, softcap=self.softcap)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU with silu (Llama), GeGLU with gelu (Gemma)."""
+
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+        d, f = spec.hidden_size, spec.intermediate_size
+        kw = dict(use_bias=spec.mlp_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, axes=(Axis.MLP, Axis.EMBED), **kw)
+        self.up_proj = Linear(d, f, axes=(Axis.MLP, Axis.EMBED), **kw)
+        self.down_proj = Linear(f, d, axes=(Axis.EMBED, Axis.MLP), **kw)
+        self.activation = spec.activation
+
+    def __call__(self, x):
+        hidden = ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # [B, T, F]
+        return self.down_proj(constrain(hidden, (Axis.BATCH, Axis.SEQ, Axis.MLP)))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block; with sandwich norms (Gemma 2/3) each block's output is normalized as well.
+
+    Names follow HF, where `post_attention_layernorm` is the norm *before the MLP* in Llama but the
+    norm *of the attention output* in Gemma 2/3 (which add pre/post_feedforward_layernorm).
+    """
+
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        norm = dict(eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
+        self.input_layernorm = RMSNorm(spec.hidden_size, **norm)
+        self.self_attn = Attention(spec, **kw)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, **norm)
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
+        self.mlp = MLP(spec, **kw)
+        self.sandwich_norms = spec.sandwich_norms
+
+    def __call__(self, x, cos, sin, mask, window):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window)
+        if self.sandwich_norms:
+            x = x + self.post_attention_layernorm(attended)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + attended
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+
+
+class Decoder(nnx.Module):
+    """HF's `model.` prefix: embeddings, the stacked layers, the final norm; returns hidden states."""
+
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.embed_tokens = Embed(spec.vocab_size, spec.hidden_size, **kw)
+        self.layers = stack_layers(lambda r: DecoderLayer(spec, param_dtype=param_dtype, dtype=dtype, rngs=r),
+                                   spec.num_layers, rngs)
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
+        self.spec = spec
+        self.dtype = dtype
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, remat: str = "none"):
+        """input_ids [B, T] → final-norm hidden states [B, T, D]."""
+        spec = self.spec
+        batch, length = input_ids.shape
+        mask = attn_lib.MaskInfo.for_sequence(batch, length, attention_mask, segment_ids)
+        if positions is None:
+            positions = attn_lib.default_positions(mask)
+        tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
+        x = self.embed_tokens(input_ids)
+        if spec.embed_scale is not None:
+            # HF casts the scale to the embedding's dtype first (√3072 becomes 55.5 in bf16).
+            x = x * jnp.asarray(spec.embed_scale, self.embed_tokens.weight.dtype).astype(x.dtype)
+        x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+        windows = jnp.asarray([attn_lib.NO_WINDOW if w is None else w for w in spec.windows], jnp.int32)  # [L]
+        if len(tables) == 1:
+            cos, sin = tables[0]
+            x = scan_layers(self.layers, x, windows, lambda layer, x, window: layer(x, cos, sin, mask, window),
+                            remat=remat)
+        else:  # a RoPE table per layer (Gemma 3: local vs global), picked by an index scanned with the window
+            cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
+
+            def body(layer, x, inputs):
+                window, table = inputs
+                return layer(x, cos_all[table], sin_all[table], mask, window)
+
+            x = scan_layers(self.layers, x, (windows, jnp.asarray(spec.layer_ropes, jnp.int32)), body, remat=remat)
+        return self.norm(x)
+
+
+def softcap(x, cap: float | None):
+    """cap · tanh(x / cap): smoothly bounds x to (-cap, cap); identity when cap is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class DecoderModel(nnx.Module):
+    """A family's decoder under HF's `model.` prefix, built from its config (anything with
+    `decoder_spec()` and `to_hf()`); CausalLM and classification.SequenceClassifier add a head."""
+
+    def __init__(self, cfg, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+        self.config = cfg
+        self.dtype = dtype or param_dtype
+        self.model = Decoder(cfg.decoder_spec(), param_dtype=param_dtype, dtype=self.dtype, rngs=rngs)
+        self.remat = "none"  # a layers.REMAT_POLICIES key; training sets it
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        """Final-norm hidden states [B, T, D]: what losses that avoid full logits (chunked CE) need."""
+        return self.model(input_ids, attention_mask, positions, segment_ids, remat=self.remat)
+
+
+class CausalLM(DecoderModel):
+    """`model(input_ids, attention_mask=None, positions=None, segment_ids=None)` → logits [B, T, V].
+
+    attention_mask: 1 for real tokens, 0 for padding (left or right). positions: RoPE position ids;
+    by default counted over real tokens and restarted per segment. segment_ids: packed documents;
+    a token attends only to earlier tokens of its own segment.
+    """
+
+    def __init__(self, cfg, *, param_dtype=jnp.float32, dtype=None, rngs: nnx.Rngs):
+        super().__init__(cfg, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        spec = self.model.spec
+        if not spec.tie_word_embeddings:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size, use_bias=False, axes=(Axis.VOCAB, Axis.EMBED),
+                                  param_dtype=param_dtype, dtype=self.dtype, rngs=rngs)
+
+    def logits(self, hidden):
+        if self.model.spec.tie_word_embeddings:
+            logits = self.model.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return softcap(logits, self.model.spec.final_softcap)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
+        hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
+        return constrain(self.logits(hidden), (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
+
+    def to_hf_config(self) -> dict:
+        """The config.json that `save_pretrained` writes."""
+        return self.config.to_hf()
