@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import attention as attn_lib
+from jaxft.models.kv_cache import KVCache, write_layer
 from jaxft.models.layers import ACTIVATIONS, Axis, Embed, Linear, RMSNorm, constrain, scan_layers, stack_layers
 from jaxft.models.rope import Rotary, apply_rotary
 
@@ -93,7 +94,9 @@ class Attention(nnx.Module):
         self.softcap = spec.attn_softcap
         self.implementation = "xla"
 
-    def __call__(self, x, cos, sin, mask: attn_lib.MaskInfo, window):
+    def __call__(self, x, cos, sin, mask: attn_lib.MaskInfo, window, cache=None):
+        """x [B, T, D] → [B, T, D]. cache: this layer's (keys, values, index); the new keys and values
+        are written at `index` and the queries attend over the whole cache; returns (out, (keys, values))."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
@@ -101,8 +104,12 @@ class Attention(nnx.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            cached_keys, cached_values, index = cache
+            k, v = write_layer(cached_keys, cached_values, k, v, index)  # [B, S, K, D]
         out = attn_lib.attention(q, k, v, mask, window, self.scale, self.implementation, softcap=self.softcap)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nnx.Module):
@@ -140,15 +147,18 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(spec, **kw)
         self.sandwich_norms = spec.sandwich_norms
 
-    def __call__(self, x, cos, sin, mask, window):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window)
+    def __call__(self, x, cos, sin, mask, window, cache=None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, cache)
+        if cache is not None:
+            attended, cache = attended
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(attended)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attended
             x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+        x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+        return x if cache is None else (x, cache)
 
 
 class Decoder(nnx.Module):
@@ -163,13 +173,22 @@ class Decoder(nnx.Module):
         self.spec = spec
         self.dtype = dtype
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, remat: str = "none"):
-        """input_ids [B, T] → final-norm hidden states [B, T, D]."""
+    def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, remat: str = "none",
+                 cache: KVCache | None = None):
+        """input_ids [B, T] → final-norm hidden states [B, T, D]; with a cache, (hidden, updated cache)."""
         spec = self.spec
         batch, length = input_ids.shape
-        mask = attn_lib.MaskInfo.for_sequence(batch, length, attention_mask, segment_ids)
+        if cache is None:
+            mask = attn_lib.MaskInfo.for_sequence(batch, length, attention_mask, segment_ids)
+            default_positions = attn_lib.default_positions(mask) if positions is None else None
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) are not supported with a KV cache; generate each "
+                                 "document as its own row")
+            write_at = cache.index
+            mask, default_positions, cache = cache.step_inputs(batch, length, attention_mask)
         if positions is None:
-            positions = attn_lib.default_positions(mask)
+            positions = default_positions
         tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
         x = self.embed_tokens(input_ids)
         if spec.embed_scale is not None:
@@ -177,19 +196,23 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(spec.embed_scale, self.embed_tokens.weight.dtype).astype(x.dtype)
         x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
         windows = jnp.asarray([attn_lib.NO_WINDOW if w is None else w for w in spec.windows], jnp.int32)  # [L]
-        if len(tables) == 1:
-            cos, sin = tables[0]
-            x = scan_layers(self.layers, x, windows, lambda layer, x, window: layer(x, cos, sin, mask, window),
-                            remat=remat)
-        else:  # a RoPE table per layer (Gemma 3: local vs global), picked by an index scanned with the window
-            cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
-
+        # A RoPE table per layer (Gemma 3: local vs global) is picked by an index scanned with the window.
+        cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
+        per_layer = (windows, jnp.asarray(spec.layer_ropes, jnp.int32))
+        if cache is None:
             def body(layer, x, inputs):
                 window, table = inputs
                 return layer(x, cos_all[table], sin_all[table], mask, window)
 
-            x = scan_layers(self.layers, x, (windows, jnp.asarray(spec.layer_ropes, jnp.int32)), body, remat=remat)
-        return self.norm(x)
+            return self.norm(scan_layers(self.layers, x, per_layer, body, remat=remat))
+
+        def cached_body(layer, x, inputs):  # also carries this layer's cache slice in and out
+            window, table, keys, values = inputs
+            return layer(x, cos_all[table], sin_all[table], mask, window, (keys, values, write_at))
+
+        x, (keys, values) = scan_layers(self.layers, x, (*per_layer, cache.keys, cache.values), cached_body,
+                                        with_outputs=True)
+        return self.norm(x), cache._replace(keys=keys, values=values)
 
 
 def softcap(x, cap: float | None):
@@ -237,6 +260,19 @@ class CausalLM(DecoderModel):
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
         hidden = self.hidden_states(input_ids, attention_mask, positions, segment_ids)
         return constrain(self.logits(hidden), (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `size` tokens, in the compute dtype."""
+        return KVCache.create(self.model.spec, batch, size, self.dtype)
+
+    def decode(self, input_ids, cache: KVCache, attention_mask=None, last_only: bool = False):
+        """Logits of new tokens [B, T] given the cache of the tokens before them → (logits, cache).
+
+        Prefill with the (left-padded) prompts and their attention_mask, then one token per step.
+        last_only: logits of the last position only ([B, 1, V]), all a sampler needs.
+        """
+        hidden, cache = self.model(input_ids, attention_mask, cache=cache)
+        return self.logits(hidden[:, -1:] if last_only else hidden), cache
 
     def to_hf_config(self) -> dict:
         """The config.json that `save_pretrained` writes."""

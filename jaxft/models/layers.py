@@ -124,21 +124,27 @@ REMAT_POLICIES = {
 }
 
 
-def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none"):
-    """carry = body(layer, carry, per_layer_input) for each layer of `stacked`, under lax.scan."""
+def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, remat: str = "none",
+                with_outputs: bool = False):
+    """carry = body(layer, carry, per_layer_input) for each layer of `stacked`, under lax.scan.
+
+    with_outputs: body returns (carry, output) and the outputs come back stacked on a leading layer
+    axis, as (carry, outputs) — how a KV cache's per-layer keys and values flow through the scan.
+    """
     graphdef, state = nnx.split(stacked)
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
     def step(carry, xs):
         layer_state, layer_input, index = xs
         with _layer_rng(index):  # each layer draws its own dropout masks
-            return body(nnx.merge(graphdef, layer_state), carry, layer_input), None
+            result = body(nnx.merge(graphdef, layer_state), carry, layer_input)
+        return result if with_outputs else (result, None)
 
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    carry, _ = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers)))
-    return carry
+    carry, outputs = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers)))
+    return (carry, outputs) if with_outputs else carry
 
 
 # --- dropout randomness --------------------------------------------------------------------------
