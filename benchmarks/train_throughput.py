@@ -55,9 +55,9 @@ def run(args) -> dict:
 
         lora.apply_lora(model, lora.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets="all-linear"))
         trainable = lora.is_lora_param
-    if args.attention != "auto":
-        for module in _attention_modules(model):
-            module.implementation = args.attention
+    from jaxft.models.attention import set_attention_implementation
+
+    attention = set_attention_implementation(model, args.attention)  # "auto" resolved for this device and dtype
     model_def, params, frozen = step.split_model(model, trainable, remat=args.remat)
     optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-5, schedule="constant"), params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
@@ -94,18 +94,12 @@ def run(args) -> dict:
         "jax_version": jax.__version__, **{k: getattr(args, k) for k in ("preset", "mode", "rank", "batch", "seq", "remat",
                                                                           "attention", "param_dtype", "compute_dtype",
                                                                           "grad_accum", "loss_chunk", "steps", "warmup")},
-        "params": total, "trainable_params": trained, "flops_per_token": flops,
+        "attention_resolved": attention, "params": total, "trainable_params": trained, "flops_per_token": flops,
         "step_seconds": seconds, "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * flops / peak if peak else None, "device_peak_flops": peak,
         "peak_memory_bytes": memory.get("peak_bytes_in_use"), "compile_seconds": compile_seconds,
         "final_loss": float(out["loss"]),
     }
-
-
-def _attention_modules(model):
-    from flax import nnx
-
-    return [m for _, m in nnx.iter_graph(model) if hasattr(m, "implementation") and isinstance(m, nnx.Module)]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -116,7 +110,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
-    p.add_argument("--attention", default="auto", help="attention implementation (auto = the model's default)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "jax", "cudnn", "splash"],
+                   help="attention implementation (jaxft.models.attention.CHOICES; auto: cudnn on NVIDIA GPU, "
+                        "splash on TPU, else xla)")
     p.add_argument("--param-dtype", default="bfloat16")
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--grad-accum", type=int, default=1)

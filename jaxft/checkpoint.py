@@ -28,7 +28,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 log = logging.getLogger("jaxft.checkpoint")
 
 # The config keys whose change makes a resume a different run (override: checkpoint.allow_changes).
-RESUME_SENSITIVE_KEYS = ("model.path", "data.train", "data.format", "data.seq_len", "data.packing",
+RESUME_SENSITIVE_KEYS = ("model.path", "model.quantize", "data.train", "data.format", "data.seq_len", "data.packing",
                          "train.batch_size", "lora.rank", "lora.targets", "lora.use_dora")
 
 

@@ -6,6 +6,7 @@
     jaxft demo                                  # the embedded default: fine-tune the bundled tiny model
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
+    jaxft plan --config configs/llama3_8b_lora.py:h100 --device v5e   # will it fit? from shapes alone
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from jaxft.generate import chat_prompt, generate
+    from jaxft.generate import chat_prompt, generate, prompt_ids
 
     model, _ = _load(args.model, args.dtype)
     tokenizer = _tokenizer(model.source.path)
@@ -57,7 +58,7 @@ def cmd_generate(args) -> int:
     if args.chat:
         ids = [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     else:
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        ids = [prompt_ids(tokenizer, p) for p in prompts]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
     outputs = generate(model, ids, args.max_new_tokens, eos_id=eos, pad_id=tokenizer.pad_token_id or 0,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -116,11 +117,16 @@ def cmd_train(args, overrides: list[str]) -> int:
     import logging
 
     from jaxft import config as config_lib
+    from jaxft.plan import DoesNotFitError
     from jaxft.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_lib.load(args.config, overrides)
-    summary = train(config)
+    try:
+        summary = train(config)
+    except DoesNotFitError as e:  # the preflight's table and advice, not a traceback
+        print(e, file=sys.stderr)
+        return 2
     print(f"trained to step {summary['step']} in {summary['workdir']}"
           + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else "")
           + (" (stopped early on a signal; run again to continue)" if summary["stopped_early"] else ""))
@@ -166,6 +172,18 @@ def cmd_eval(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_plan(args, overrides: list[str]) -> int:
+    """Per-device memory from shapes alone; exit status 1 when the run does not fit (scripts can check)."""
+    from jaxft import config as config_lib
+    from jaxft import plan
+
+    config = config_lib.load(args.config, overrides)
+    result = plan.plan(config, device=args.device, memory_bytes=int(args.memory_gb * plan.GIB) if args.memory_gb else None,
+                       num_devices=args.devices, compile=args.compile, name=args.config)
+    print(result.table())
+    return 1 if result.fits is False else 0
+
+
 def cmd_export(args) -> int:
     from jaxft import export
 
@@ -207,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--variant", default="", choices=["", "smoke"], help="smoke: 4 steps through every part")
     demo.set_defaults(run=cmd_demo)
 
+    plan = commands.add_parser("plan", help="per-device memory of a config's train step, from shapes alone; "
+                                            "whether it fits and, if not, the nearest settings that do")
+    plan.add_argument("--config", required=True, help="a config file (get_config(arg)), optionally :ARG")
+    plan.add_argument("--device", help="compare with this device's memory: v5e, v4, v5p, v6e, h100, h200, ... "
+                                       "(default: what the runtime reports; unknown on CPU)")
+    plan.add_argument("--memory-gb", type=float, default=None, help="compare with this many GiB per device instead")
+    plan.add_argument("--devices", type=int, default=None, help="devices for a -1 in mesh.shape (default: those here)")
+    plan.add_argument("--compile", action="store_true", help="also compile the step and show XLA's count (small models)")
+    plan.set_defaults(run=cmd_plan)
+
     info = commands.add_parser("info", help="describe a checkpoint (local folder or hub id)")
     info.add_argument("--model", required=True)
     info.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -225,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=cmd_generate)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "eval", "demo"):
+    if args.command in ("train", "eval", "demo", "plan"):
         unknown = [a for a in extra if not a.startswith("--config.")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")

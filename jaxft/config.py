@@ -29,6 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.revision = ml_collections.FieldReference(None, field_type=str)  # hub revision (branch, tag, commit)
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16 (frozen base weights, or all in full FT)
     c.model.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # activations; None = model.dtype
+    c.model.attention = "auto"  # auto | xla | jax | cudnn | splash (auto: cudnn on NVIDIA GPU, splash on TPU, else xla)
+    c.model.quantize = "none"  # none | int8 | nf4: QLoRA, the frozen decoder Linears stored quantized (needs lora.rank > 0)
 
     c.data = default_data_config()
 
@@ -52,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.log_every = 1  # steps between metrics.jsonl rows
     c.train.eval_every = 0  # steps between eval-loss passes (0 = only at the end, if validation data)
     c.train.wandb = False  # also log to Weights & Biases (if installed)
+    c.train.preflight = True  # before downloading/compiling: estimate memory from shapes, stop if it cannot fit
+    c.train.device_memory_gb = 0.0  # the preflight's limit in GiB per device; 0 = what the runtime reports (none on CPU)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
@@ -164,12 +168,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     need(bool(config.model.path), "model.path is empty: give an HF folder or hub id")
     need(config.model.dtype in ("float32", "bfloat16"), f"model.dtype {config.model.dtype!r} must be float32 or bfloat16")
+    from jaxft.models.attention import CHOICES as ATTENTION_CHOICES  # imported here: loading a config needs no jax
+
+    need(config.model.attention in ATTENTION_CHOICES,
+         f"model.attention {config.model.attention!r} must be one of {ATTENTION_CHOICES}")
     need(config.train.steps > 0, f"train.steps must be > 0, got {config.train.steps}")
     need(config.train.warmup_steps <= config.train.steps,
          f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}")
     need(config.train.batch_size > 0, f"train.batch_size must be > 0, got {config.train.batch_size}")
     need(config.train.on_nonfinite in ("abort", "skip"), f"train.on_nonfinite {config.train.on_nonfinite!r} must be abort or skip")
     need(config.lora.rank >= 0, f"lora.rank must be >= 0, got {config.lora.rank}")
+    need(config.model.quantize in ("none", "int8", "nf4"),
+         f"model.quantize {config.model.quantize!r} must be none, int8 or nf4")
+    need(config.model.quantize == "none" or config.lora.rank > 0,
+         f"model.quantize={config.model.quantize} needs LoRA (lora.rank > 0): quantized base weights are frozen "
+         "and cannot be fully fine-tuned")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")

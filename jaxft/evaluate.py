@@ -51,7 +51,7 @@ def read_task(path: str) -> list[dict]:
 def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 16, batch_size: int = 32,
                   samples: int = 8) -> dict:
     """{"exact_match", "contains", "samples": [{"prompt", "answer", "output"}...]} over `rows`."""
-    from jaxft.generate import greedy_generate
+    from jaxft.generate import greedy_generate, prompt_ids
 
     exact = contains = 0
     shown = []
@@ -59,7 +59,7 @@ def task_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int = 16, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in chunk]
+        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in chunk]
         outputs = greedy_generate(model, prompts, max_new_tokens, eos_id=eos, pad_id=pad)
         for row, ids in zip(chunk, outputs):
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()

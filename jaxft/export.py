@@ -5,10 +5,12 @@
 
 `hf`: adapters merged into the base weights (LoRA: W + s·BA; DoRA: magnitude-rescaled), written as
 sharded safetensors + index with config.json, generation_config.json and the tokenizer files —
-`AutoModelForCausalLM.from_pretrained(out)` loads it as is.
+`AutoModelForCausalLM.from_pretrained(out)` loads it as is. A QLoRA run's quantized base is
+dequantized (in float32) before the merge, and written in model.dtype or the `dtype` asked for.
 `peft`: `adapter_model.safetensors` + `adapter_config.json` with PEFT's key names, for
 `PeftModel.from_pretrained(base, out)` and vLLM's LoRA loader; it refers to the base by its path or
-hub id. Both gather one tensor at a time, so host memory stays near the largest tensor.
+hub id — for a QLoRA run too, the original unquantized base, as PEFT does for bitsandbytes runs.
+Both gather one tensor at a time, so host memory stays near the largest tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
             from jaxft.peft.lora import merge_lora
 
             merge_lora(model)
+        from jaxft.peft.quant import dequantize_model
+
+        dequantize_model(model)  # QLoRA: base Linears that no adapter targeted are still quantized
         save_pretrained(model, out, dtype=dtype)
     elif format == "peft":
         if not config["lora"]["rank"]:

@@ -121,6 +121,16 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
     return generate(model, prompts, max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a plain-text prompt as training saw the start of a document: with BOS first when
+    the tokenizer adds one (Llama, Gemma), and nothing else the tokenizer might append (EOS)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]:
+        return [bos, *ids]
+    return ids
+
+
 def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered with the tokenizer's own chat template, ready for the
     assistant's reply."""

@@ -46,7 +46,7 @@ def flat_params(model_or_state) -> tuple[nnx.GraphDef | None, dict[str, nnx.Vari
 def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_dtype=None, mesh: Mesh | None = None,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, revision: str | None = None,
                     allow_pickle: bool = False, labels=None, pad_token_id: int | None = None,
-                    seed: int = 0) -> nnx.Module:
+                    seed: int = 0, quantize: str | None = None) -> nnx.Module:
     """Loads an HF causal LM or sequence classifier (local folder or hub id) as a jaxft model.
 
     dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With a mesh, each
@@ -55,6 +55,9 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
     new head (drawn from `seed`) on a causal LM otherwise; a checkpoint whose config.json names a
     *ForSequenceClassification architecture loads as one anyway. pad_token_id overrides config.json's
     (a classifier pools the last non-pad token). See jaxft.models.classification.
+    quantize ("int8" | "nf4", QLoRA): the decoder layers' Linear weights are stored quantized
+    (jaxft.peft.quant), each layer quantized as it is read: the device never holds the dense stack,
+    only the quantized model plus one layer of one weight (and its float32 quantization temporaries).
 
         model = jaxft.from_pretrained("meta-llama/Llama-3.2-1B", dtype="bfloat16")
         logits = model(input_ids, attention_mask=mask)  # [B, T, V]
@@ -69,6 +72,15 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
     abstract = nnx.eval_shape(lambda: _build(family, config, head, param_dtype, compute_dtype, seed))
     graphdef, params = flat_params(abstract)
     rules_table = family.convert.key_table(config, list(params))
+    # The checkpoint is checked against the dense model; the model built is the quantized one.
+    final_graphdef, final_params, quantized = graphdef, params, {}
+    if quantize not in (None, "none"):
+        from jaxft.peft import quant
+
+        abstract = nnx.eval_shape(lambda: quant.quantize_model(
+            _build(family, config, head, param_dtype, compute_dtype, seed), quantize))
+        final_graphdef, final_params = flat_params(abstract)
+        quantized = quant.quantized_parts_of(list(params), list(final_params))
 
     def place(variable: nnx.Variable):
         if mesh is None:
@@ -83,13 +95,18 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
         check_checkpoint(rules_table, {p: v.shape for p, v in params.items()}, config.num_hidden_layers,
                          checkpoint.shapes, checkpoint.files, ignored)
         loaded = {rule.param: _load_param(checkpoint, rule, params[rule.param], place(params[rule.param]),
-                                          config.num_hidden_layers) for rule in rules_table}
+                                          config.num_hidden_layers)
+                  for rule in rules_table if rule.param not in quantized}
+        for rule in (r for r in rules_table if r.param in quantized):
+            loaded.update(_load_quantized(checkpoint, rule, params[rule.param],
+                                          {p: final_params[p] for p in quantized[rule.param]}, place,
+                                          config.num_hidden_layers, quantize))
         for i, path in enumerate(fresh):
             loaded[path] = _normal_init(jax.random.fold_in(jax.random.key(seed), i), tuple(params[path].shape),
                                         np.dtype(params[path].dtype), place(params[path]))
         jax.block_until_ready(list(loaded.values()))  # host buffers must outlive their transfers
-    state = nnx.from_flat_state([(tuple(p.split(".")), params[p].replace(value=loaded[p])) for p in params])
-    model = nnx.merge(graphdef, state)
+    state = nnx.from_flat_state([(tuple(p.split(".")), final_params[p].replace(value=loaded[p])) for p in final_params])
+    model = nnx.merge(final_graphdef, state)
     model.source = source
     return model
 
@@ -149,6 +166,30 @@ def _read_into_host_array(checkpoint: hf.Checkpoint, rule: KeyRule, shape: tuple
     return jax.device_put(out, target)
 
 
+def _load_quantized(checkpoint: hf.Checkpoint, rule: KeyRule, variable: nnx.Variable, parts: dict[str, nnx.Variable],
+                    place: Callable, num_layers: int, mode: str) -> dict[str, jax.Array]:
+    """A quantized Linear weight (QLoRA): each layer is read densely and quantized before the next
+    one is read, into stacked codes and scales placed by their own logical axes."""
+    from jaxft.peft import quant
+
+    dtype = np.dtype(variable.dtype)
+    first_row = rule.rows[0] if rule.rows else 0
+    names = {path: path[len(rule.param) + 1:] for path in parts}  # "...q_proj.weight.codes" → "codes"
+    # double_quant=True as quant.quantize_model's default: the structure built must match.
+    if not rule.stacked:
+        dense = _array_from_tensor(checkpoint, rule.hf, tuple(variable.shape), dtype, place(variable), first_row)
+        out = quant.quantize_layer(dense, mode, True, tuple((n, place(parts[p])) for p, n in names.items()))
+        return {p: out[n] for p, n in names.items()}
+    stacked = {p: _zeros(tuple(v.shape), np.dtype(v.dtype), place(v)) for p, v in parts.items()}
+    targets = tuple((n, _drop_leading_axis(place(parts[p]))) for p, n in names.items())
+    layer_target = _drop_leading_axis(place(variable))
+    for layer, key in enumerate(rule.hf_keys(num_layers)):
+        dense = _array_from_tensor(checkpoint, key, tuple(variable.shape[1:]), dtype, layer_target, first_row)
+        one = quant.quantize_layer(dense, mode, True, targets)
+        stacked = {p: _set_layer(stacked[p], one[n], layer) for p, n in names.items()}
+    return stacked
+
+
 def _array_from_tensor(checkpoint: hf.Checkpoint, key: str, shape: tuple[int, ...], dtype: np.dtype,
                        target: jax.sharding.Sharding, first_row: int = 0) -> jax.Array:
     cache: dict[Any, np.ndarray] = {}  # replicated shards ask for the same slice on every device
@@ -201,6 +242,10 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     if adapters:
         raise ValueError(f"the model has adapters attached ({adapters[0]}, ...): merge them first with "
                          "jaxft.peft.lora.merge_lora(model), or export them with `jaxft export --format peft`")
+    quantized = sorted(p for p in params if p.endswith(".weight.codes"))
+    if quantized:
+        raise ValueError(f"the model has quantized base weights ({quantized[0]}, ...): dequantize them first with "
+                         "jaxft.peft.quant.dequantize_model(model), after merge_lora")
     rules_table = family.convert.key_table(config, list(params))
     save_dtype = np.dtype(_dtype(dtype)) if dtype is not None else np.dtype(params[rules_table[0].param].dtype)
     layers = config.num_hidden_layers

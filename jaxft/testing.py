@@ -80,6 +80,17 @@ def padded_batch(vocab_size: int, batch: int = 3, length: int = 12, seed: int = 
     return ids, mask, positions
 
 
+def demo_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask, positions) of `texts` in the bundled demo tokenizer, right-padded."""
+    from transformers import AutoTokenizer
+
+    from jaxft.demo import MODEL_DIR
+
+    enc = AutoTokenizer.from_pretrained(MODEL_DIR)(texts, padding=True, return_tensors="np")
+    mask = enc["attention_mask"]
+    return enc["input_ids"], mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
+
+
 def torch_logits(model, ids, mask, positions) -> np.ndarray:
     import torch
 

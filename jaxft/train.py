@@ -28,6 +28,7 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
 from jaxft import distributed, evaluate, hf, optim, sharding, step
 from jaxft.metrics import MetricsWriter, model_flops_per_token
+from jaxft.models import attention as attn_lib
 from jaxft.pretrained import from_pretrained
 from jaxft.report import write_report
 
@@ -49,6 +50,10 @@ def train(config) -> dict[str, Any]:
     distributed.initialize(config.mesh.coordinator, config.mesh.num_processes, config.mesh.process_id)
     mesh = sharding.make_mesh(dict(config.mesh.shape))
     sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh)
+    if config.train.preflight:  # shapes only: a run that cannot fit stops here, with advice, not at an OOM
+        from jaxft import plan
+
+        plan.preflight(config, mesh)
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     source = hf.resolve(config.model.path, config.model.revision)
@@ -150,6 +155,14 @@ def _task_eval(run, state, tokenizer, task, config) -> dict:
 
 def _flops_per_token(run, config) -> float:
     total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves((run.state.params, run.state.frozen)))
+    if config.model.quantize != "none":  # a quantized weight computes as its dense shape, not its stored parts
+        from jaxft.peft import quant
+
+        model = run.model_def.merge(run.state.params, run.state.frozen)
+        for linear in quant.base_linears(model).values():
+            if quant.is_quantized(linear):
+                stored = sum(int(np.prod(p.shape)) for p in linear.weight.parts().values())
+                total += int(np.prod(linear.weight.shape)) - stored
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.state.params))
     layers = run.state.frozen.get("model.layers.input_layernorm.weight", run.state.params.get("model.layers.input_layernorm.weight"))
     num_layers, hidden = (layers.shape if layers is not None else (0, 0))
@@ -170,7 +183,8 @@ class Run:
 
 def build(config, mesh, model_path: str) -> Run:
     """The model (with LoRA if configured), optimizer, train state and compiled steps for `mesh`."""
-    model = from_pretrained(model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh)
+    model = from_pretrained(model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh,
+                            quantize=config.model.quantize)
     model_def, optimizer, train_step, state = _training_parts(model, config)
     compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
     return Run(model_def=model_def, optimizer=optimizer, state=jax.device_put(state, state_shardings),
@@ -189,6 +203,10 @@ def abstract_state(config, hf_config: dict) -> tuple[step.ModelDef, step.TrainSt
 
     def make():
         model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+        if config.model.quantize != "none":
+            from jaxft.peft import quant
+
+            quant.quantize_model(model, config.model.quantize)
         holder["parts"] = _training_parts(model, config)
         return holder["parts"][3]
 
@@ -197,6 +215,8 @@ def abstract_state(config, hf_config: dict) -> tuple[step.ModelDef, step.TrainSt
 
 
 def _training_parts(model, config):
+    # Before split_model: the implementation is static graph data that the ModelDef keeps.
+    attn_lib.set_attention_implementation(model, config.model.attention)
     trainable = _trainable_filter(model, config)
     model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
     optim_cfg = optim.OptimConfig(

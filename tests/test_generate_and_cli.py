@@ -102,3 +102,15 @@ def test_chat_generation_uses_the_chat_template():
     assert tokenizer.decode(ids) == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
     assert cli.main(["generate", "--model", MODEL_DIR, "--prompt", "Hello", "--prompt", "Where is the mill?", "--chat",
                      "--max-new-tokens", "3"]) == 0
+
+
+def test_prompts_start_as_training_documents_do():
+    from transformers import AutoTokenizer
+
+    from jaxft.generate import prompt_ids
+    from jaxft.testing_families import word_tokenizer
+
+    with_bos = word_tokenizer(["the", "river", "runs"])  # its post-processor prepends [BOS], as Llama's does
+    assert prompt_ids(with_bos, "the river") == [with_bos.bos_token_id, 2, 3]
+    no_bos = AutoTokenizer.from_pretrained(MODEL_DIR)  # the demo's BPE adds nothing
+    assert prompt_ids(no_bos, "The river") == no_bos("The river")["input_ids"]

@@ -9,20 +9,38 @@ reference on every backend.
 Mask semantics match transformers: causality and sliding windows are by index in the sequence
 (HF's `cache_position`), not by position id; packed documents never attend across `segment_ids`;
 keys with `attention_mask == 0` are never attended.
+
+`attention(..., implementation=NAME)` runs the reference ("xla") or a fused kernel ("jax",
+"cudnn", "splash": see attention_kernels.py), falling back to the reference, with a logged
+reason, for any call a kernel cannot express exactly. `set_attention_implementation(model, name)`
+picks one for every layer of a model; "auto" is cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from jaxft.models.attention_kernels import KERNELS, on_cuda_gpu
+
+log = logging.getLogger("jaxft.attention")
 
 # A window larger than any sequence: what "global" layers use in a per-layer window table.
 NO_WINDOW = 2**30
 
 
 class MaskInfo(NamedTuple):
+    """The ingredients of the attention mask.
+
+    Fused kernels read `q_index is kv_index` (one array in both fields, as `for_sequence` builds
+    it) as "queries are the keys, at indices 0..T-1" and then use their causal flag; keep that
+    identity only when it holds (a KV cache builds two arrays).
+    """
+
     q_index: jnp.ndarray  # [B, T] int32: index of each query in the full (cached) sequence
     kv_index: jnp.ndarray  # [B, S] int32
     q_segment: jnp.ndarray  # [B, T] int32: packed-document id
@@ -37,12 +55,13 @@ class MaskInfo(NamedTuple):
         valid = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
         return cls(index, index, segment, segment, valid)
 
-    def dense(self, window) -> jnp.ndarray:
-        """bool [B, T, S]: causal, same segment, valid key, and within `window` keys of the query."""
+    def dense(self, window=None) -> jnp.ndarray:
+        """bool [B, T, S]: causal, same segment, valid key, and within `window` keys of the query
+        (None: no window)."""
         distance = self.q_index[:, :, None] - self.kv_index[:, None, :]  # [B, T, S]
-        return ((distance >= 0) & (distance < window)
-                & (self.q_segment[:, :, None] == self.kv_segment[:, None, :])
-                & self.kv_valid[:, None, :])
+        allowed = ((distance >= 0) & (self.q_segment[:, :, None] == self.kv_segment[:, None, :])
+                   & self.kv_valid[:, None, :])
+        return allowed if window is None else allowed & (distance < window)
 
 
 def default_positions(mask: MaskInfo) -> jnp.ndarray:
@@ -63,6 +82,7 @@ def default_positions(mask: MaskInfo) -> jnp.ndarray:
 
 def reference_attention(q, k, v, mask: MaskInfo, window, scale: float, softcap: float | None = None) -> jnp.ndarray:
     """Grouped-query attention in plain XLA. q [B, T, H, D]; k, v [B, S, K, D]; returns [B, T, H, D].
+    window: keys less than `window` indices before the query (int, traced int, or None: no window).
 
     Scores and softmax run in float32 whatever the compute dtype, as HF's eager and sdpa paths do.
     Fully masked query rows (padding) get a uniform softmax instead of NaN, as in HF. `softcap`
@@ -82,15 +102,73 @@ def reference_attention(q, k, v, mask: MaskInfo, window, scale: float, softcap: 
     return out.reshape(batch, length, num_heads, head_dim)
 
 
-IMPLEMENTATIONS = {"xla": reference_attention}
+# --- choosing an implementation -------------------------------------------------------------------
+
+IMPLEMENTATIONS = ("xla", *KERNELS)  # xla: reference_attention
+CHOICES = ("auto", *IMPLEMENTATIONS)
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def fallback_reason(implementation: str, q, k, v, mask: MaskInfo, window, softcap: float | None = None) -> str | None:
+    """Why `implementation` would run the reference for this call instead of its kernel (None: it won't)."""
+    if implementation == "xla":
+        return None
+    return _kernel(implementation).unsupported(q, k, v, mask, window, softcap)
 
 
 def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str = "xla",
               softcap: float | None = None) -> jnp.ndarray:
+    """q [B, T, H, D]; k, v [B, S, K, D] → [B, T, H, D], by `implementation` (one of IMPLEMENTATIONS).
+
+    window: int or traced int32 (keys within `window` indices of the query), or None for no window.
+    A call the kernel cannot express exactly runs reference_attention; the reason is logged once.
+    """
+    if implementation != "xla":
+        reason = fallback_reason(implementation, q, k, v, mask, window, softcap)
+        if reason is None:
+            return _kernel(implementation).run(q, k, v, mask, window, scale, softcap=softcap)
+        if (implementation, reason) not in _LOGGED:  # at trace time: once per reason per process, not per layer
+            _LOGGED.add((implementation, reason))
+            log.warning("attention %r falls back to the xla reference: %s", implementation, reason)
+    return reference_attention(q, k, v, mask, window, scale, softcap=softcap)
+
+
+def _kernel(implementation: str):
     try:
-        fn = IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ValueError(f"unknown attention implementation {implementation!r}; available: {sorted(IMPLEMENTATIONS)}") from None
-    if softcap is None:  # implementations without soft-capping keep their original signature
-        return fn(q, k, v, mask, window, scale)
-    return fn(q, k, v, mask, window, scale, softcap=softcap)
+        return KERNELS[implementation]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown attention implementation {implementation!r}; choose one of {CHOICES}") from None
+
+
+def resolve_implementation(name: str, dtype=None, softcap: bool = False, backend: str | None = None) -> str:
+    """The implementation `name` stands for: itself, or for "auto" the best one for this backend and
+    model (cudnn only for bfloat16/float16 models without soft-capping, which it cannot run)."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {CHOICES}")
+    if name != "auto":
+        return name
+    backend = backend or jax.default_backend()
+    if backend == "tpu":
+        return "splash"
+    if backend == "gpu" and on_cuda_gpu() and not softcap and dtype is not None \
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def set_attention_implementation(model: nnx.Module, name: str) -> str:
+    """Sets every attention module of `model` (each has an `implementation` attribute) to `name`,
+    with "auto" resolved for this backend and the model's compute dtype; returns the name set.
+
+    The name is static graph data: call this before nnx.split / step.split_model.
+        set_attention_implementation(model, "auto")  # "xla" on CPU
+    """
+    modules = [node for _, node in nnx.iter_graph(model)
+               if isinstance(node, nnx.Module) and hasattr(node, "implementation")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules (no `implementation` attribute)")
+    softcap = any(getattr(m, "softcap", None) is not None for m in modules)
+    resolved = resolve_implementation(name, dtype=getattr(model, "dtype", None), softcap=softcap)
+    for module in modules:
+        module.implementation = resolved
+    return resolved

@@ -199,15 +199,20 @@ class Decoder(nnx.Module):
         # A RoPE table per layer (Gemma 3: local vs global) is picked by an index scanned with the window.
         cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
         per_layer = (windows, jnp.asarray(spec.layer_ropes, jnp.int32))
+        # A window shared by every layer (None: all global) goes in as a Python value, so that fused
+        # attention kernels know it at trace time; mixed windows (Gemma 2/3) stay scanned (traced).
+        uniform_window = len(set(spec.windows)) == 1
         if cache is None:
             def body(layer, x, inputs):
                 window, table = inputs
+                window = spec.windows[0] if uniform_window else window
                 return layer(x, cos_all[table], sin_all[table], mask, window)
 
             return self.norm(scan_layers(self.layers, x, per_layer, body, remat=remat))
 
         def cached_body(layer, x, inputs):  # also carries this layer's cache slice in and out
             window, table, keys, values = inputs
+            window = spec.windows[0] if uniform_window else window
             return layer(x, cos_all[table], sin_all[table], mask, window, (keys, values, write_at))
 
         x, (keys, values) = scan_layers(self.layers, x, (*per_layer, cache.keys, cache.values), cached_body,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import zlib
 from typing import Callable, Sequence
 
@@ -38,7 +39,8 @@ class Linear(nnx.Module):
 
     `adapter` is where parameter-efficient methods plug in (jaxft.peft sets it; models never do):
     called as `adapter(x, y, self)` with the input, the base output and this layer, it returns the
-    output to use instead.
+    output to use instead. `weight` may also be replaced by a quantized stand-in (QLoRA,
+    jaxft.peft.quant.QuantizedWeight): anything with `dequantize(dtype)`, `shape` and `axes`.
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
@@ -49,13 +51,38 @@ class Linear(nnx.Module):
         self.dtype = dtype
         self.adapter = nnx.data(None)  # a data slot: an adapter module may be set here later
 
+    def dense_weight(self, dtype=None) -> jnp.ndarray:
+        """The weight [.., out, in] as an array in `dtype` (default: as stored). A quantized weight is
+        dequantized here, inside whatever jitted computation reads it, so XLA fuses the decode into
+        the matmul and no dense copy of the base is kept between steps."""
+        if hasattr(self.weight, "dequantize"):
+            return self.weight.dequantize(dtype)
+        weight = self.weight[...]
+        return weight if dtype is None else weight.astype(dtype)
+
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if hasattr(self.weight, "dequantize"):
+            y = _dequantize_matmul(x.astype(self.dtype), self.weight, self.dtype)
+        else:
+            y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.adapter is not None:
             y = self.adapter(x, y, self)
         return y
+
+
+def _dequantize_matmul(x: jnp.ndarray, weight: nnx.Module, dtype) -> jnp.ndarray:
+    """x Wᵀ for a quantized W, decoded right before the matmul. Rematerialized: the backward pass
+    decodes W again from its codes, where autodiff would otherwise keep every layer's decoded weight
+    as a residual of the scan, as much memory as an unquantized base."""
+    graphdef, state = nnx.split(weight)
+
+    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def matmul(x, state):
+        return jnp.einsum("...i,oi->...o", x, nnx.merge(graphdef, state).dequantize(dtype))
+
+    return matmul(x, state)
 
 
 class Embed(nnx.Module):

@@ -18,6 +18,8 @@ Per target Linear with base weight W [out, in] (PEFT's formulas, peft/tuners/lor
     DoRA:  y = W x + b + (m/‖W + s·BA‖ - 1) · W drop(x) + (m/‖W + s·BA‖) · s · B A drop(x)
            with the row norm ‖·‖ [out] held constant in the backward pass (DoRA paper §4.3).
 Without dropout PEFT's DoRA reuses the base output, W drop(x) = y - b; so do we.
+QLoRA: W may be stored quantized (jaxft.peft.quant); everything here reads it through
+`Linear.dense_weight`, and merging writes the dense merged weight in place of the quantized one.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.layers import Linear, dropout_key
+from jaxft.peft.quant import QuantParam, is_quantized
 
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,7 +101,7 @@ class LoRA(nnx.Module):
         self.lora_B = LoRAParam(jnp.zeros((*lead, out_features, rank), dtype), axes=(*lead_axes, out_axis, LORA_AXIS))
         if use_dora:
             # PEFT: m = ‖W + s·BA‖ per output row at init, i.e. ‖W‖ since B = 0.  [L?, out]
-            norms = _row_norm(linear.weight[...].astype(jnp.float32))
+            norms = _row_norm(linear.dense_weight(jnp.float32))
             self.lora_magnitude_vector = LoRAParam(norms.astype(dtype), axes=(*lead_axes, out_axis))
         else:
             self.lora_magnitude_vector = None
@@ -114,15 +117,15 @@ class LoRA(nnx.Module):
         if not self.use_dora:
             return y + self.scaling * lora
 
-        weight = linear.weight[...]
         # ‖W + s·BA‖ in float32 whatever the compute dtype (a norm over `in` loses digits in bf16),
-        # and constant for the gradient, as in PEFT.
-        norm = jax.lax.stop_gradient(_row_norm(weight.astype(jnp.float32) + self.scaling * self.delta_direction()))
+        # and constant for the gradient, as in PEFT. A quantized W is its dequantized value (QLoRA).
+        merged = linear.dense_weight(jnp.float32) + self.scaling * self.delta_direction()
+        norm = jax.lax.stop_gradient(_row_norm(merged))
         scale = (self.lora_magnitude_vector[...].astype(jnp.float32) / norm).astype(dtype)  # [out]
         if key is None:
             base = y if linear.bias is None else y - linear.bias[...].astype(dtype)  # W x
         else:  # PEFT recomputes the base product on the dropped-out input
-            base = jnp.einsum("...i,oi->...o", dropped, weight.astype(dtype))
+            base = jnp.einsum("...i,oi->...o", dropped, linear.dense_weight(dtype))
         return y + (scale - 1) * base + scale * (self.scaling * lora)
 
     def delta_direction(self) -> jnp.ndarray:
@@ -185,7 +188,8 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
         # After the adapters, so DoRA's magnitudes are measured on the full-precision weights.
         base_dtype = _DTYPES[config.base_dtype]
         for _, variable in nnx.iter_graph(model):
-            if (isinstance(variable, nnx.Param) and not isinstance(variable, LoRAParam)
+            # Quantized storage keeps its float32 scales: they are part of an exact format.
+            if (isinstance(variable, nnx.Param) and not isinstance(variable, (LoRAParam, QuantParam))
                     and jnp.issubdtype(variable.dtype, jnp.floating)):
                 variable.set_value(variable[...].astype(base_dtype))
     return model
@@ -199,7 +203,8 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """Folds every adapter into its base weight and removes it, in place; returns the model.
 
     LoRA: W ← W + s·BA.  DoRA: W ← (m / ‖W + s·BA‖) · (W + s·BA), as PEFT's merge_and_unload.
-    The sum is formed in float32 and stored in the base weight's dtype.
+    The sum is formed in float32 and stored in the base weight's dtype. A quantized base weight
+    (QLoRA) is dequantized for the sum and replaced by the dense merged Param, in its original dtype.
 
     `jaxft.save_pretrained` and the HF key tables cover *all* params of a model, so a model with
     adapters attached must be merged before it is saved as a Hugging Face folder.
@@ -208,12 +213,14 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         adapter = linear.adapter
         if not isinstance(adapter, LoRA):
             continue
-        weight = linear.weight[...]
-        merged = weight.astype(jnp.float32) + adapter.scaling * adapter.delta_direction()  # [L?, out, in]
+        merged = linear.dense_weight(jnp.float32) + adapter.scaling * adapter.delta_direction()  # [L?, out, in]
         if adapter.use_dora:
             magnitude = adapter.lora_magnitude_vector[...].astype(jnp.float32)
             merged = (magnitude / _row_norm(merged))[..., None] * merged
-        linear.weight.set_value(merged.astype(weight.dtype))
+        if is_quantized(linear):
+            linear.weight = nnx.Param(merged.astype(linear.weight.dtype), axes=linear.weight.axes)
+        else:
+            linear.weight.set_value(merged.astype(linear.weight.dtype))
         linear.adapter = None
     return model
 

@@ -11,7 +11,7 @@ import pytest
 from jaxft import metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FIELDS = {"device", "preset", "mode", "batch", "seq", "remat", "attention", "params", "trainable_params",
+FIELDS = {"device", "preset", "mode", "batch", "seq", "remat", "attention", "attention_resolved", "params", "trainable_params",
           "flops_per_token", "tokens_per_second", "mfu", "peak_memory_bytes", "compile_seconds", "step_seconds"}
 
 

@@ -12,6 +12,7 @@ import transformers
 from jaxft import config as config_lib
 from jaxft import export, train
 from jaxft.demo import MODEL_DIR
+from jaxft.testing import demo_batch, torch_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(ROOT, "configs", "demo.py")
@@ -28,17 +29,7 @@ def trained(workdir, *overrides):
 
 
 def batch():
-    tokenizer = transformers.AutoTokenizer.from_pretrained(MODEL_DIR)
-    enc = tokenizer(["The river runs past the old mill", "Question: what does the baker sell?"],
-                    padding=True, return_tensors="np")
-    mask = enc["attention_mask"]
-    return enc["input_ids"], mask, np.maximum(np.cumsum(mask, 1) - 1, 0)
-
-
-def torch_logits(model, ids, mask, positions):
-    with torch.no_grad():
-        return model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                     position_ids=torch.as_tensor(positions)).logits.float().numpy()
+    return demo_batch(["The river runs past the old mill", "Question: what does the baker sell?"])
 
 
 def jax_logits(model, ids, mask):
