@@ -167,6 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(message)
 
     need(bool(config.model.path), "model.path is empty: give an HF folder or hub id")
+    need("://" not in str(config.workdir),
+         f"workdir {config.workdir!r} is a URL; the workdir must be a filesystem path: mount the bucket (gcsfuse, as "
+         "tpu_scripts/install.sh does at /mnt/gcs) and use e.g. /mnt/gcs/runs/NAME")
     need(config.model.dtype in ("float32", "bfloat16"), f"model.dtype {config.model.dtype!r} must be float32 or bfloat16")
     from jaxft.models.attention import CHOICES as ATTENTION_CHOICES  # imported here: loading a config needs no jax
 

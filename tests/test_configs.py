@@ -55,3 +55,9 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
     devices = jax.devices()[:1] if all(v == 1 for v in shape.values()) else jax.devices()
     mesh = sharding.make_mesh(shape, devices=devices)
     sharding.check_batch(config.train.batch_size, config.train.grad_accum, mesh)
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written():
+    config = config_lib.load(os.path.join(ROOT, "configs", "demo.py"), ["--config.workdir=gs://bucket/runs/a"])
+    with pytest.raises(ValueError, match="is a URL.*gcsfuse"):
+        config_lib.validate(config)
