@@ -29,7 +29,10 @@ log = logging.getLogger("jaxft.checkpoint")
 
 # The config keys whose change makes a resume a different run (override: checkpoint.allow_changes).
 RESUME_SENSITIVE_KEYS = ("model.path", "model.quantize", "data.train", "data.format", "data.seq_len", "data.packing",
-                         "train.batch_size", "lora.rank", "lora.targets", "lora.use_dora")
+                         "train.batch_size", "lora.rank", "lora.targets", "lora.use_dora", "task",
+                         "classification.labels")
+# Keys added after checkpoints were first written: absent from an older checkpoint means the default.
+_ADDED_KEYS = {"task": "causal_lm", "classification.labels": []}
 
 
 def base_fingerprint(folder: str) -> str:
@@ -127,6 +130,8 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     changes = []
     for key in RESUME_SENSITIVE_KEYS:
         old, new = _lookup(saved, key), _lookup(current, key)
+        if key in _ADDED_KEYS:
+            old, new = (_ADDED_KEYS[key] if v is None else v for v in (old, new))
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
             changes.append(f"{key}: {old!r} → {new!r}")
     return changes

@@ -134,7 +134,8 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 
 def cmd_eval(args, overrides: list[str]) -> int:
-    """Eval loss/perplexity on the config's validation data, and task exact match if eval.task_file."""
+    """Eval loss/perplexity on the config's validation data, and task exact match if eval.task_file
+    (task=classification: eval loss, accuracy and macro-F1 instead)."""
     import json
 
     import jax
@@ -155,7 +156,13 @@ def cmd_eval(args, overrides: list[str]) -> int:
         what = model_path
     result = {"evaluated": what}
     tokenizer = _tokenizer(model_path)
-    if args.config and config.data.train or (args.config and config.data.validation):
+    if args.config and config.task == "classification":  # eval_loss, accuracy, F1 on data.validation
+        from jaxft.tasks.classification_run import TrainData, make_eval_step
+
+        with sharding.activate(mesh):
+            result.update(TrainData(config, tokenizer).evaluate(make_eval_step(model_def, mesh), params, frozen, mesh)
+                          or {})
+    elif args.config and config.data.train or (args.config and config.data.validation):
         from jaxft.data import DataPipeline
 
         pipeline = DataPipeline(config, tokenizer)
@@ -164,6 +171,8 @@ def cmd_eval(args, overrides: list[str]) -> int:
         if loss is not None:
             result.update(eval_loss=loss, eval_perplexity=evaluate.perplexity(loss))
     task_file = args.task_file or (config.eval.task_file if args.config else None)
+    if task_file and args.config and config.task == "classification":
+        raise ValueError("--task-file (exact match of generated answers) does not apply to a classifier")
     if task_file:
         accuracy = evaluate.task_accuracy(model_def.merge(params, frozen), tokenizer, evaluate.read_task(task_file),
                                           config.eval.max_new_tokens)

@@ -23,6 +23,7 @@ from jaxft.data.config import default_config as default_data_config
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir"  # metrics.jsonl, checkpoints/, exports of this run
+    c.task = "causal_lm"  # causal_lm (next-token loss) | classification (a head on the last non-pad token)
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder or hub id of the base model
@@ -56,6 +57,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.wandb = False  # also log to Weights & Biases (if installed)
     c.train.preflight = True  # before downloading/compiling: estimate memory from shapes, stop if it cannot fit
     c.train.device_memory_gb = 0.0  # the preflight's limit in GiB per device; 0 = what the runtime reports (none on CPU)
+
+    # task=classification: rows {text_field: str, label_field: name or id} from data.train / data.validation,
+    # each padded or cut to data.seq_len; data.format, data.packing and the data.* mixing keys do not apply
+    # (one row is one example). Eval reports eval_loss, accuracy and macro-F1 (jaxft.tasks.classification).
+    c.classification = ml_collections.ConfigDict()
+    c.classification.labels = ()  # label names in id order (>= 2): the head's classes and HF id2label
+    c.classification.text_field = "text"
+    c.classification.label_field = "label"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
@@ -187,6 +196,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"model.quantize={config.model.quantize} needs LoRA (lora.rank > 0): quantized base weights are frozen "
          "and cannot be fully fine-tuned")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
+    need(config.task in ("causal_lm", "classification"), f"task {config.task!r} must be causal_lm or classification")
+    if config.task == "classification":
+        labels = list(config.classification.labels)
+        need(len(labels) >= 2 and len(set(labels)) == len(labels) and all(isinstance(x, str) for x in labels),
+             f"classification.labels must be >= 2 distinct label names, got {labels}")
+        need(bool(config.data.train), "task=classification needs data.train (JSONL/Parquet rows {text, label})")
+        need(isinstance(config.data.train, str) and (not config.data.validation or isinstance(config.data.validation, str)),
+             "task=classification reads one source each for data.train / data.validation (a path pattern or hf:/tfds: spec)")
+        need(not config.data.validation_fraction and not config.data.stages,
+             "task=classification takes its validation rows from data.validation; data.validation_fraction and "
+             "data.stages are for causal_lm")
+        need(not config.eval.task_file,
+             "eval.task_file (exact match of generated answers) does not apply to task=classification: a classifier "
+             "does not generate; its accuracy and F1 on data.validation are reported instead")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")
 

@@ -51,6 +51,8 @@ def write_report(workdir: str, summary: dict) -> str:
     rows = [("steps", summary.get("step")), ("resumed from step", summary.get("resumed_from") or "-"),
             ("first / last train loss", f"{train_rows[0]['loss']:.4f} / {train_rows[-1]['loss']:.4f}" if train_rows else "-"),
             ("final eval loss", f"{eval_rows[-1]['eval_loss']:.4f}" if eval_rows else "-"),
+            *([("final accuracy / macro-F1", f"{eval_rows[-1]['accuracy']:.1%} / {eval_rows[-1]['f1']:.3f}")]
+              if eval_rows and "accuracy" in eval_rows[-1] else []),  # task=classification
             ("wall time", f"{summary.get('seconds', 0):.1f} s"), ("model", summary.get("model", "-"))]
     parts = ["<!doctype html><meta charset='utf-8'><title>jaxft report</title>",
              "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}td,th{padding:4px 10px;"

@@ -7,6 +7,9 @@ Writes into `config.workdir`: metrics.jsonl (one JSON row per logged step: step,
 learning_rate, tokens_per_second, grad_norm; eval rows carry eval_loss), TensorBoard events in
 tensorboard/, checkpoints/, and at the end loss_curve.png, report.html and report.json (with the
 task eval before/after training when eval.task_file is set).
+`task = "classification"` trains a sequence classifier through this same loop: the data come from
+jaxft.tasks.classification_run.TrainData instead of DataPipeline, and eval rows carry accuracy and
+f1 beside eval_loss (jaxft train --config configs/classify_demo.py).
 SIGTERM or SIGINT finishes the current step, saves, waits for the write, and returns.
 """
 
@@ -60,10 +63,8 @@ def train(config) -> dict[str, Any]:
 
     from transformers import AutoTokenizer
 
-    from jaxft.data import DataPipeline
-
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    pipeline = DataPipeline(config, tokenizer)
+    pipeline = _data(config, tokenizer)  # read (and checked) before anything compiles
 
     run = build(config, mesh, source.path)
     state, compiled_step, eval_step = run.state, run.compiled_step, run.eval_step
@@ -119,10 +120,11 @@ def train(config) -> dict[str, Any]:
             at_end = step_index == config.train.steps
             eval_loss, early_stop = None, False
             if (config.train.eval_every and step_index % config.train.eval_every == 0) or at_end:
-                eval_loss = evaluate.eval_loss(run.eval_step, state.params, state.frozen, pipeline.validation_batches(), mesh)
-                if eval_loss is not None:
-                    last_eval = eval_loss
-                    writer.eval(step_index, {"eval_loss": eval_loss, "eval_perplexity": evaluate.perplexity(eval_loss)})
+                scores = _eval_scores(config, run, state, pipeline, mesh)
+                if scores is not None:
+                    eval_loss = last_eval = scores["eval_loss"]
+                    report["eval"] = scores
+                    writer.eval(step_index, scores)
                     early_stop = stopper.update(eval_loss) and not at_end
             stopping = stop.requested() or early_stop
             if step_index % config.checkpoint.every == 0 or at_end or stopping:
@@ -146,6 +148,25 @@ def train(config) -> dict[str, Any]:
     if jax.process_index() == 0:
         write_report(workdir, report)
     return report
+
+
+def _data(config, tokenizer):
+    """The train/validation data of config.task: DataPipeline, or its classification counterpart."""
+    if config.task == "classification":
+        from jaxft.tasks.classification_run import TrainData
+
+        return TrainData(config, tokenizer)
+    from jaxft.data import DataPipeline
+
+    return DataPipeline(config, tokenizer)
+
+
+def _eval_scores(config, run, state, data, mesh) -> dict | None:
+    """One validation pass: {"eval_loss", ...} (None without validation data)."""
+    if config.task == "classification":
+        return data.evaluate(run.eval_step, state.params, state.frozen, mesh)  # + accuracy, f1
+    loss = evaluate.eval_loss(run.eval_step, state.params, state.frozen, data.validation_batches(), mesh)
+    return None if loss is None else {"eval_loss": loss, "eval_perplexity": evaluate.perplexity(loss)}
 
 
 def _task_eval(run, state, tokenizer, task, config) -> dict:
@@ -184,12 +205,28 @@ class Run:
 def build(config, mesh, model_path: str) -> Run:
     """The model (with LoRA if configured), optimizer, train state and compiled steps for `mesh`."""
     model = from_pretrained(model_path, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, mesh=mesh,
-                            quantize=config.model.quantize)
+                            quantize=config.model.quantize, **_head(config, model_path))
     model_def, optimizer, train_step, state = _training_parts(model, config)
     compiled_step, state_shardings = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
+    if config.task == "classification":
+        from jaxft.tasks.classification_run import make_eval_step
+
+        eval_step = make_eval_step(model_def, mesh)  # pooled class logits, for accuracy/F1 as well as loss
+    else:
+        eval_step = jax.jit(step.make_eval_step(model_def))
     return Run(model_def=model_def, optimizer=optimizer, state=jax.device_put(state, state_shardings),
-               state_shardings=state_shardings, compiled_step=compiled_step,
-               eval_step=jax.jit(step.make_eval_step(model_def)))
+               state_shardings=state_shardings, compiled_step=compiled_step, eval_step=eval_step)
+
+
+def _head(config, model_path: str) -> dict:
+    """from_pretrained's classifier arguments for task=classification. The pad id is the tokenizer's:
+    the head pools the last token that is not it, and TrainData pads with it."""
+    if config.task != "classification":
+        return {}
+    from transformers import AutoTokenizer
+
+    return {"labels": tuple(config.classification.labels),
+            "pad_token_id": AutoTokenizer.from_pretrained(model_path).pad_token_id}
 
 
 def abstract_state(config, hf_config: dict) -> tuple[step.ModelDef, step.TrainState]:
@@ -202,7 +239,10 @@ def abstract_state(config, hf_config: dict) -> tuple[step.ModelDef, step.TrainSt
     holder = {}
 
     def make():
-        model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
+        head = {}
+        if config.task == "classification":  # shapes only: any pad id will do
+            head = {"labels": tuple(config.classification.labels), "pad_token_id": hf_config.get("pad_token_id") or 0}
+        model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, **head)
         if config.model.quantize != "none":
             from jaxft.peft import quant
 
@@ -254,18 +294,29 @@ def restore_run(workdir: str, step_index: int | None = None, mesh=None, config=N
 
 
 def _trainable_filter(model, config):
+    classify = config.task == "classification"
     if config.lora.rank:
         from jaxft.peft import lora
 
         targets = config.lora.targets if isinstance(config.lora.targets, str) else tuple(config.lora.targets)
+        if classify and targets == "all-linear":
+            from jaxft.tasks.classification import lora_targets
+
+            targets = lora_targets(model)  # every Linear but the new head, which trains whole
         lora.apply_lora(model, lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha,
                                                dropout=config.lora.dropout, targets=targets,
                                                use_rslora=config.lora.use_rslora, use_dora=config.lora.use_dora),
                         seed=config.train.seed)
-        return lora.is_lora_param
-    frozen = optim.frozen_by_pattern
-    patterns = tuple(config.train.freeze)
-    return lambda path, variable: not frozen([path], patterns)
+        trainable = lora.is_lora_param
+    else:
+        frozen = optim.frozen_by_pattern
+        patterns = tuple(config.train.freeze)
+        trainable = lambda path, variable: not frozen([path], patterns)  # noqa: E731
+    if classify:  # the head starts random: it must train in LoRA runs (PEFT's modules_to_save) and in full FT
+        from jaxft.tasks.classification import with_head
+
+        return with_head(trainable)
+    return trainable
 
 
 def resume(checkpointer: ckpt_lib.Checkpointer, config, meta: dict, target) -> tuple[int, dict | None, dict | None]:

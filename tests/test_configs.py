@@ -24,7 +24,7 @@ EXPECTED_PARAMS = {"meta-llama/Llama-3.1-8B": 8.03e9, "meta-llama/Llama-3.2-1B":
 
 
 def test_every_config_file_is_covered():
-    assert {os.path.basename(p) for p in CONFIGS} >= {"demo.py", "llama3_8b_lora.py", "llama32_1b_full.py",
+    assert {os.path.basename(p) for p in CONFIGS} >= {"demo.py", "classify_demo.py", "llama3_8b_lora.py", "llama32_1b_full.py",
                                                       "qwen25_7b_lora.py", "mistral_7b_lora.py", "chat_sft.py"}
 
 
@@ -44,7 +44,12 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
     if config.model.path in EXPECTED_PARAMS:
         assert abs(total - EXPECTED_PARAMS[config.model.path]) < 0.01 * total, total
     if config.lora.rank:
-        assert 0 < trainable < (0.02 if total > 1e8 else 0.5) * total and all(".adapter." in p for p in state.params)
+        # A classifier's new head (`score`) trains whole beside the adapters (PEFT's modules_to_save).
+        head = ("score.",) if config.task == "classification" else ()
+        assert 0 < trainable < (0.02 if total > 1e8 else 0.5) * total
+        assert all(".adapter." in p or p.startswith(head) for p in state.params) if head else \
+            all(".adapter." in p for p in state.params)
+        assert not head or "score.weight" in state.params
     else:
         assert trainable == total and not state.frozen
     # The optimizer state exists only for trainable params, in their dtype.

@@ -86,16 +86,22 @@ def _label_id(label: Any, labels: Sequence[str], origin: str, field: str) -> int
 def batches(data: dict[str, np.ndarray], batch_size: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Endless shuffled batches of the train-step keys; each epoch is a new permutation, the
     remainder that does not fill a batch waits for the next one."""
+    for take in _index_batches(len(data["labels"]), batch_size, seed):
+        yield {k: data[k][take] for k in STEP_KEYS}
+
+
+def _index_batches(count: int, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[np.ndarray]:
+    # Row indices only, so that a resumed iterator can replay N batches in microseconds (the order
+    # is a pure function of the seed and the position: nothing but a counter needs saving).
     rng = np.random.RandomState(seed)
-    count = len(data["labels"])
     if count < batch_size:
         raise DataError(f"{count} examples cannot fill one batch of {batch_size}")
     order = np.zeros(0, np.int64)
     while True:
         while len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(count)])
+            order = np.concatenate([order, rng.permutation(count) if shuffle else np.arange(count)])
         take, order = order[:batch_size], order[batch_size:]
-        yield {k: data[k][take] for k in STEP_KEYS}
+        yield take
 
 
 def with_head(trainable: Callable[[str, nnx.Variable], bool]) -> Callable[[str, nnx.Variable], bool]:
@@ -121,12 +127,16 @@ def evaluate(model: nnx.Module, data: dict[str, np.ndarray], batch_size: int = 6
         if fill:
             ids, mask = np.concatenate([ids, ids[:1].repeat(fill, 0)]), np.concatenate([mask, mask[:1].repeat(fill, 0)])
         logits.append(np.asarray(classify(model, ids, mask), np.float32)[:batch_size - fill])
-    logits = np.concatenate(logits)  # [N, C]
+    return scores_from_logits(np.concatenate(logits), data["labels"])
+
+
+def scores_from_logits(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, macro-F1, eval_loss (mean cross-entropy) and num_examples of class logits [N, C]."""
+    logits = np.asarray(logits, np.float32)
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-    labels = data["labels"]
     scores = classification_metrics(logits.argmax(-1), labels, logits.shape[-1])
-    scores["eval_loss"] = float(-log_probs[np.arange(count), labels].mean())
+    scores["eval_loss"] = float(-log_probs[np.arange(len(labels)), labels].mean())
     return scores
 
 
