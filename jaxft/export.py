@@ -21,7 +21,9 @@ import jax
 import numpy as np
 
 from jaxft import hf
-from jaxft.pretrained import DTYPES, save_pretrained
+from jaxft.models import registry
+from jaxft.models.keys import LAYER
+from jaxft.pretrained import DTYPES, flat_params, save_pretrained
 
 # Our adapter param name → PEFT's key suffix (the module path before it is the HF module path).
 _PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
@@ -49,18 +51,45 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
     elif format == "peft":
         if not config["lora"]["rank"]:
             raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
-        write_peft_adapter(run.state.params, meta, out, dtype)
+        write_peft_adapter(run.state.params, meta, out, dtype, fused_parts(model))
         hf.copy_tokenizer_files(meta["base"]["path"], out)
     else:
         raise ValueError(f"export format {format!r} is not hf or peft")
     return out
 
 
-def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None) -> None:
+def fused_parts(model) -> dict[str, tuple[str, int, int]]:
+    """Projections that jaxft keeps apart but the HF checkpoint fuses (Phi-3's qkv_proj and
+    gate_up_proj): part module path → (fused module path, first row, stop row)."""
+    family = registry.family_for({"model_type": model.config.to_hf()["model_type"]})
+    _, params = flat_params(model)
+    parts = {}
+    for rule in family.convert.key_table(model.config, list(params)):
+        if rule.rows and rule.param.endswith(".weight"):
+            fused_module = rule.hf.removesuffix(".weight").replace(LAYER + ".", "")
+            parts[rule.param.removesuffix(".weight")] = (fused_module, *rule.rows)
+    return parts
+
+
+def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None,
+                       fused: dict[str, tuple[str, int, int]] | None = None) -> None:
     """adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` etc., one per
-    layer, and the adapter_config.json PEFT writes for the same LoRA settings."""
+    layer, and the adapter_config.json PEFT writes for the same LoRA settings.
+
+    `fused` (see fused_parts): adapters on parts of a fused HF module become one adapter on it, of
+    rank k·r for k adapted parts: A stacks the parts' A, B is block-diagonal (zero rows for parts
+    without an adapter), DoRA magnitudes concatenate; `rank_pattern`/`alpha_pattern` keep the
+    scaling, so PEFT computes exactly the same update.
+    """
+    fused = fused or {}
+    lora = meta["config"]["lora"]
     entries, modules, whole = [], set(), set()
+    groups: dict[str, dict[str, dict[str, jax.Array]]] = {}  # fused module → part module → its adapter params
     for path, value in sorted(params.items()):
+        module_path, _, name = path.rpartition(".adapter.")
+        if module_path in fused:
+            groups.setdefault(fused[module_path][0], {}).setdefault(module_path, {})[name] = value
+            continue
         module = path.split(".", 1)[0]
         if module in _WHOLE_MODULES and ".adapter." not in path:  # PEFT's key: the HF key under base_model.model.
             whole.add(module)
@@ -68,8 +97,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
             entries.append((f"base_model.model.{path}", tuple(value.shape), out_dtype,
                             lambda v=value: np.asarray(jax.device_get(v))))
             continue
-        module_path, _, name = path.rpartition(".adapter.")
-        if not _ or name not in _PEFT_NAMES:
+        if not module_path or name not in _PEFT_NAMES:
             raise ValueError(f"trainable param {path} is not a LoRA adapter param; a PEFT adapter cannot carry it")
         out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(value.dtype)
         modules.add(module_path.rsplit(".", 1)[-1])
@@ -80,8 +108,17 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
             fetch = (lambda v=value, i=i: np.asarray(jax.device_get(v[i]))) if stacked else (lambda v=value: np.asarray(jax.device_get(v)))
             shape = tuple(value.shape[1:] if stacked else value.shape)
             entries.append((f"base_model.model.{hf_module}.{_PEFT_NAMES[name]}", shape, out_dtype, fetch))
+    rank_pattern, alpha_pattern = {}, {}
+    for fused_module, adapted in groups.items():
+        name = fused_module.rsplit(".", 1)[-1]
+        k = len(adapted)
+        modules.add(name)
+        rank_pattern[name] = k * lora["rank"]
+        # PEFT scales by alpha/r (rsLoRA: alpha/√r): the same scaling at rank k·r needs alpha·k (·√k).
+        alpha_pattern[name] = lora["alpha"] * (k ** 0.5 if lora["use_rslora"] else k)
+        all_parts = sorted((start, stop, part) for part, (module, start, stop) in fused.items() if module == fused_module)
+        entries += _fused_entries(fused_module, all_parts, adapted, lora["rank"], dtype)
     hf.write_safetensors(os.path.join(out, "adapter_model.safetensors"), entries)
-    lora = meta["config"]["lora"]
     base = meta["base"]
     hf.write_json(out, "adapter_config.json", {
         "peft_type": "LORA",
@@ -97,6 +134,50 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": sorted(whole) or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,
         "inference_mode": True,
     })
+
+
+def _fused_entries(fused_module: str, all_parts: list[tuple[int, int, str]], adapted: dict[str, dict[str, jax.Array]],
+                   rank: int, dtype: str | None) -> list:
+    """Per layer: the fused module's lora_A [k·r, in], block-diagonal lora_B [rows, k·r] and DoRA
+    magnitude [rows], built from its adapted parts in row order."""
+    order = [(start, stop, part) for start, stop, part in all_parts if part in adapted]
+    rows = max(stop for _, stop, _ in all_parts)
+    dora = any("lora_magnitude_vector" in p for p in adapted.values())
+    if dora and len(order) < len(all_parts):
+        missing = [part.rsplit(".", 1)[-1] for _, _, part in all_parts if part not in adapted]
+        raise ValueError(f"DoRA on part of {fused_module} (no adapter on {missing}): PEFT's DoRA on the fused module "
+                         "would need magnitudes for those rows too; target all of its parts, or use --format hf")
+    first = adapted[order[0][2]]["lora_A"]
+    stacked = fused_module.startswith("model.layers.")
+    layers = first.shape[0] if stacked else 1
+    out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(first.dtype)
+
+    def layer_of(value, i):
+        return np.asarray(jax.device_get(value[i] if stacked else value), np.float32)
+
+    def lora_a(i):
+        return np.concatenate([layer_of(adapted[part]["lora_A"], i) for _, _, part in order])
+
+    def lora_b(i):
+        b = np.zeros((rows, rank * len(order)), np.float32)
+        for j, (start, stop, part) in enumerate(order):
+            b[start:stop, j * rank:(j + 1) * rank] = layer_of(adapted[part]["lora_B"], i)
+        return b
+
+    def magnitude(i):
+        return np.concatenate([layer_of(adapted[part]["lora_magnitude_vector"], i) for _, _, part in order])
+
+    entries = []
+    in_features = first.shape[-1]
+    for i in range(layers):
+        prefix = "base_model.model." + (fused_module.replace("model.layers.", f"model.layers.{i}.", 1) if stacked else fused_module)
+        entries.append((f"{prefix}.lora_A.weight", (rank * len(order), in_features), out_dtype, lambda i=i: lora_a(i)))
+        entries.append((f"{prefix}.lora_B.weight", (rows, rank * len(order)), out_dtype, lambda i=i: lora_b(i)))
+        if dora:
+            entries.append((f"{prefix}.lora_magnitude_vector", (rows,), out_dtype, lambda i=i: magnitude(i)))
+    return entries

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from jaxft import config as config_lib
-from jaxft import export, train
+from jaxft import export, hf, train
 from jaxft.demo import MODEL_DIR
 from jaxft.testing import demo_batch, torch_logits
 
@@ -73,3 +73,28 @@ def test_exports_match_the_trained_model(tmp_path, kind):
     base_logits = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(),
                                ids, mask, positions)
     assert np.abs(base_logits - expected)[valid].max() > 1e-2
+
+
+@pytest.mark.parametrize("variant", [[], ["--config.lora.use_dora=True", "--config.lora.use_rslora=True"]],
+                         ids=["lora", "dora_rslora"])
+def test_phi3_adapters_export_onto_its_fused_modules(tmp_path, variant):
+    """Phi-3's checkpoint fuses qkv_proj and gate_up_proj; jaxft adapts q/k/v and gate/up apart. The
+    PEFT export fuses the adapters (rank k·r, block-diagonal B) and PEFT then computes the same model."""
+    import peft
+
+    from jaxft.testing_families import tiny_family_model
+
+    folder, _ = tiny_family_model(tmp_path / "phi3", "phi3_4k_partial", vocab_size=1024)
+    hf.copy_tokenizer_files(MODEL_DIR, str(folder))  # the demo's tokenizer (vocab 1024) for the demo's data
+    model = trained(tmp_path / "run", f"--config.model.path={folder}", "--config.eval.task_file=None", *variant)
+    ids, mask, positions = batch()
+    expected = jax_logits(model, ids, mask)
+
+    export.export(str(tmp_path / "run"), str(tmp_path / "adapter"), format="peft")
+    config = json.load(open(tmp_path / "adapter" / "adapter_config.json"))
+    assert {"qkv_proj", "gate_up_proj"} <= set(config["target_modules"]) and "q_proj" not in config["target_modules"]
+    assert config["rank_pattern"] == {"qkv_proj": 3 * config["r"], "gate_up_proj": 2 * config["r"]}
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    got = torch_logits(with_adapter, ids, mask, positions)
+    assert np.abs(got - expected)[mask.astype(bool)].max() <= 1e-4
