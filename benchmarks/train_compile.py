@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 import jaxft
 from jaxft import optim, step
+from jaxft.tasks.causal_lm import NextTokenLoss
 from jaxft.testing import train_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,8 @@ def measure(num_layers: int, hidden: int, batch: int, seq: int, steps: int, rema
     optimizer = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3), params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
     data = {k: jnp.asarray(v) for k, v in train_batch(128, batch=batch, length=seq).items()}
-    jitted = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat=remat)), donate_argnums=0)
+    jitted = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss(), step.StepConfig(remat=remat)),
+                     donate_argnums=0)
     start = time.perf_counter()
     compiled = jitted.lower(state, data).compile()
     compile_seconds = time.perf_counter() - start

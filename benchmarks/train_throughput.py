@@ -66,9 +66,11 @@ def run(args) -> dict:
     batch["attention_mask"] = jnp.ones_like(batch["attention_mask"])
     batch["positions"] = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
     batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(
-        remat=args.remat, grad_accum=args.grad_accum, loss_chunk=args.loss_chunk)),
-                         donate_argnums=0)
+    from jaxft.tasks.causal_lm import NextTokenLoss
+
+    objective = NextTokenLoss(chunk=args.loss_chunk)
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, objective, step.StepConfig(
+        remat=args.remat, grad_accum=args.grad_accum)), donate_argnums=0)
     start = time.perf_counter()
     compiled = train_step.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start

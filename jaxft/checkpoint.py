@@ -25,12 +25,14 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
+from jaxft import config as config_lib
+
 log = logging.getLogger("jaxft.checkpoint")
 
-# The config keys whose change makes a resume a different run (override: checkpoint.allow_changes).
-RESUME_SENSITIVE_KEYS = ("model.path", "model.quantize", "data.train", "data.format", "data.seq_len", "data.packing",
-                         "train.batch_size", "lora.rank", "lora.targets", "lora.use_dora", "task",
-                         "classification.labels")
+# The config keys whose change makes a resume a different run, for every task (override:
+# checkpoint.allow_changes); each task adds its own (Task.resume_keys).
+RESUME_SENSITIVE_KEYS = ("task", "model.path", "model.quantize", "data.train", "data.seq_len", "train.batch_size",
+                         "lora.rank", "lora.targets", "lora.use_dora")
 # Keys added after checkpoints were first written: absent from an older checkpoint means the default.
 _ADDED_KEYS = {"task": "causal_lm", "classification.labels": []}
 
@@ -88,15 +90,34 @@ class Checkpointer:
         target: the state's structure with jax.ShapeDtypeStruct leaves carrying the shardings to
         restore onto — any mesh, not only the one that saved.
         """
+        def read(candidate):
+            restored = self.manager.restore(candidate, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            return restored["state"], restored["data"], restored["meta"]
+
+        found, (state, data, meta) = self._newest_readable(read, step)
+        return found, state, data, meta
+
+    def restore_params(self, target: dict[str, Any], step: int | None = None) -> tuple[int, dict[str, Any]]:
+        """(step, the trainable params) of `step` or of the newest readable checkpoint, onto
+        `target`'s shardings. Only `state.params` is read: the optimizer state is neither read nor
+        allocated (export, eval)."""
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target)
+
+        def read(candidate):
+            restored = self.manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item={"params": target}, restore_args={"params": restore_args}, partial_restore=True)))
+            return restored["state"]["params"]
+
+        return self._newest_readable(read, step)
+
+    def _newest_readable(self, read, step: int | None):
         candidates = [step] if step is not None else sorted(self.steps(), reverse=True)
         if not candidates:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
         for candidate in candidates:
             try:
-                restored = self.manager.restore(candidate, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
-                return candidate, restored["state"], restored["data"], restored["meta"]
+                return candidate, read(candidate)
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
                 if step is not None:
                     raise
@@ -125,22 +146,13 @@ def abstract_target(state: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences in the resume-sensitive keys between two plain configs."""
+def config_changes(saved: dict, current: dict, keys=RESUME_SENSITIVE_KEYS) -> list[str]:
+    """Human-readable differences in `keys` between two plain configs."""
     changes = []
-    for key in RESUME_SENSITIVE_KEYS:
-        old, new = _lookup(saved, key), _lookup(current, key)
+    for key in keys:
+        old, new = config_lib.get(saved, key, None), config_lib.get(current, key, None)
         if key in _ADDED_KEYS:
             old, new = (_ADDED_KEYS[key] if v is None else v for v in (old, new))
         if json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):
             changes.append(f"{key}: {old!r} → {new!r}")
     return changes
-
-
-def _lookup(config: dict, dotted: str):
-    node = config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node

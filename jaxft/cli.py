@@ -2,7 +2,7 @@
 
     jaxft train --config configs/demo.py [--config.KEY=VALUE ...]
     jaxft export --workdir DIR --out OUT --format hf|peft [--step N] [--dtype bfloat16]
-    jaxft eval --config configs/demo.py --workdir DIR     # or --model PATH; eval loss + task exact match
+    jaxft eval --config configs/demo.py --workdir DIR     # or --model PATH; the task's eval + exact match
     jaxft demo                                  # the embedded default: fine-tune the bundled tiny model
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
@@ -134,45 +134,38 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 
 def cmd_eval(args, overrides: list[str]) -> int:
-    """Eval loss/perplexity on the config's validation data, and task exact match if eval.task_file
-    (task=classification: eval loss, accuracy and macro-F1 instead)."""
+    """The task's eval on the config's validation data (causal_lm: eval loss/perplexity;
+    classification: eval loss, accuracy, macro-F1), and exact match of generated answers if a task
+    file is given (eval.task_file or --task-file)."""
     import json
 
     import jax
 
     from jaxft import config as config_lib
-    from jaxft import evaluate, sharding, step
-    from jaxft.train import restore_run
+    from jaxft import evaluate, sharding, step, tasks
+    from jaxft import run as run_lib
 
     config = config_lib.load(args.config, overrides) if args.config else config_lib.default_config()
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     if args.workdir:
-        run, found, meta = restore_run(args.workdir, args.step, mesh=mesh)
-        model_def, params, frozen = run.model_def, run.state.params, run.state.frozen
-        model_path, what = meta["base"]["path"], f"{args.workdir} step {found}"
+        trained = run_lib.restore(args.workdir, args.step, mesh=mesh)
+        model_def, params, frozen = trained.model_def, trained.params, trained.frozen
+        model_path, what = trained.meta["base"]["path"], f"{args.workdir} step {trained.step}"
     else:
         model_path = args.model or config.model.path
         model_def, params, frozen = step.split_model(_load(model_path, args.dtype)[0])
         what = model_path
     result = {"evaluated": what}
     tokenizer = _tokenizer(model_path)
-    if args.config and config.task == "classification":  # eval_loss, accuracy, F1 on data.validation
-        from jaxft.tasks.classification_run import TrainData, make_eval_step
-
-        with sharding.activate(mesh):
-            result.update(TrainData(config, tokenizer).evaluate(make_eval_step(model_def, mesh), params, frozen, mesh)
-                          or {})
-    elif args.config and config.data.train or (args.config and config.data.validation):
-        from jaxft.data import DataPipeline
-
-        pipeline = DataPipeline(config, tokenizer)
-        loss = evaluate.eval_loss(jax.jit(step.make_eval_step(model_def)), params, frozen,
-                                  pipeline.validation_batches(), mesh)
-        if loss is not None:
-            result.update(eval_loss=loss, eval_perplexity=evaluate.perplexity(loss))
+    task = tasks.get(config.task)
     task_file = args.task_file or (config.eval.task_file if args.config else None)
-    if task_file and args.config and config.task == "classification":
-        raise ValueError("--task-file (exact match of generated answers) does not apply to a classifier")
+    if args.config:  # its section, and whether generation applies to it (a classifier refuses a task file)
+        task.validate(config_lib.with_values(config, {"eval.task_file": task_file}))
+    if args.config and (config.data.train or config.data.validation):
+        with sharding.activate(mesh):
+            scores = task.evaluate(task.eval_step(model_def, mesh, config), params, frozen,
+                                   task.data(config, tokenizer), mesh)
+        result.update(scores or {})
     if task_file:
         accuracy = evaluate.task_accuracy(model_def.merge(params, frozen), tokenizer, evaluate.read_task(task_file),
                                           config.eval.max_new_tokens)

@@ -4,16 +4,21 @@ A config is an ml_collections ConfigDict. `default_config()` holds every key wit
 meaning; config files start from it (`configs/demo.py` is the embedded default). Overrides are
 `--config.KEY=VALUE` with VALUE parsed as a Python literal (else kept as a string); an unknown key
 is an error naming it and the closest known keys. `validate` checks what can be checked before
-anything is built or compiled.
+anything is built or compiled; the task's own section is checked by the task (jaxft.tasks).
+`get` / `with_values` are the one dotted-key walker ("train.steps"), for ConfigDicts and the plain
+dicts saved in checkpoint metadata alike. `optimizer_settings` / `step_settings` / `lora_settings`
+turn a config into the settings objects of the layers below, whose own checks are the only ones.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import os
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -23,7 +28,8 @@ from jaxft.data.config import default_config as default_data_config
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir"  # metrics.jsonl, checkpoints/, exports of this run
-    c.task = "causal_lm"  # causal_lm (next-token loss) | classification (a head on the last non-pad token)
+    c.task = "causal_lm"  # the objective (jaxft.tasks): causal_lm (next-token loss) | classification (a head on
+    # the last non-pad token) | a registered plug-in; each has its own section below (classification.*)
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder or hub id of the base model
@@ -93,6 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True  # write in the background while training goes on
     c.checkpoint.resume_from = ml_collections.FieldReference(None, field_type=str)  # another run's workdir
     c.checkpoint.allow_changes = False  # resume even if model/data/seq_len/batch_size changed
+
+    from jaxft import tasks  # the sections of registered plug-in objectives (no jax is imported)
+
+    for name, section in tasks.plugin_sections().items():
+        c[name] = section.copy_and_resolve_references()
     return c
 
 
@@ -117,13 +128,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     key, sep, raw = item.removeprefix("--").removeprefix("config.").partition("=")
     if not sep:
         raise ValueError(f"override {item!r} must look like --config.KEY=VALUE")
-    *parents, leaf = key.split(".")
-    node = config
-    for depth, name in enumerate(parents):
-        if name not in node or not isinstance(node[name], ml_collections.ConfigDict):
-            raise KeyError(_unknown(".".join(parents[:depth + 1]), config))
-        node = node[name]
-    if leaf not in node:
+    node, leaf = _parent(config, key)
+    if node is None or leaf not in node:
         raise KeyError(_unknown(key, config))
     try:
         value = ast.literal_eval(raw)
@@ -138,6 +144,42 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         node[leaf] = value
     except TypeError as e:
         raise ValueError(f"--config.{key}={raw}: {e}") from None
+
+
+def _parent(config, key: str):
+    """(the section holding `key`'s last part, that part), or (None, part) when a section is missing."""
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+        if not isinstance(node, Mapping | ml_collections.ConfigDict) or name not in node:
+            return None, leaf
+        node = node[name]
+    return (node if isinstance(node, Mapping | ml_collections.ConfigDict) else None), leaf
+
+
+_MISSING = object()
+
+
+def get(config, key: str, default: Any = _MISSING) -> Any:
+    """The value at dotted `key` of a ConfigDict or a plain (saved) config dict; `default` when it is
+    absent (a KeyError naming it without one)."""
+    node, leaf = _parent(config, key)
+    if node is None or leaf not in node:
+        if default is _MISSING:
+            raise KeyError(f"config has no key {key!r}")
+        return default
+    return node[leaf]
+
+
+def with_values(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of `config` with {"section.key": value} set (a key the config lacks is added)."""
+    config = config.copy_and_resolve_references()
+    for key, value in values.items():
+        node, leaf = _parent(config, key)
+        if node is None:
+            raise KeyError(_unknown(key, config))
+        node[leaf] = value
+    return config
 
 
 def _unknown(key: str, config: ml_collections.ConfigDict) -> str:
@@ -168,7 +210,8 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks made before anything is loaded or compiled."""
+    """Checks made before anything is loaded or compiled: the keys, the shared settings (each by the
+    layer that uses it, see *_settings), then the task's own section (jaxft.tasks)."""
     check_keys(config)
 
     def need(ok: bool, message: str) -> None:
@@ -185,33 +228,82 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.model.attention in ATTENTION_CHOICES,
          f"model.attention {config.model.attention!r} must be one of {ATTENTION_CHOICES}")
     need(config.train.steps > 0, f"train.steps must be > 0, got {config.train.steps}")
-    need(config.train.warmup_steps <= config.train.steps,
-         f"train.warmup_steps={config.train.warmup_steps} exceeds train.steps={config.train.steps}")
     need(config.train.batch_size > 0, f"train.batch_size must be > 0, got {config.train.batch_size}")
+    need(config.train.log_every > 0, f"train.log_every must be > 0, got {config.train.log_every}")
     need(config.train.on_nonfinite in ("abort", "skip"), f"train.on_nonfinite {config.train.on_nonfinite!r} must be abort or skip")
     need(config.lora.rank >= 0, f"lora.rank must be >= 0, got {config.lora.rank}")
-    need(config.model.quantize in ("none", "int8", "nf4"),
-         f"model.quantize {config.model.quantize!r} must be none, int8 or nf4")
+    if config.model.quantize != "none":
+        from jaxft.peft import quant
+
+        with _in_config_terms({"quantization mode": "model.quantize"}):
+            quant.check_mode(config.model.quantize)
     need(config.model.quantize == "none" or config.lora.rank > 0,
          f"model.quantize={config.model.quantize} needs LoRA (lora.rank > 0): quantized base weights are frozen "
          "and cannot be fully fine-tuned")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
-    need(config.task in ("causal_lm", "classification"), f"task {config.task!r} must be causal_lm or classification")
-    if config.task == "classification":
-        labels = list(config.classification.labels)
-        need(len(labels) >= 2 and len(set(labels)) == len(labels) and all(isinstance(x, str) for x in labels),
-             f"classification.labels must be >= 2 distinct label names, got {labels}")
-        need(bool(config.data.train), "task=classification needs data.train (JSONL/Parquet rows {text, label})")
-        need(isinstance(config.data.train, str) and (not config.data.validation or isinstance(config.data.validation, str)),
-             "task=classification reads one source each for data.train / data.validation (a path pattern or hf:/tfds: spec)")
-        need(not config.data.validation_fraction and not config.data.stages,
-             "task=classification takes its validation rows from data.validation; data.validation_fraction and "
-             "data.stages are for causal_lm")
-        need(not config.eval.task_file,
-             "eval.task_file (exact match of generated answers) does not apply to task=classification: a classifier "
-             "does not generate; its accuracy and F1 on data.validation are reported instead")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")
+    optimizer_settings(config)
+    step_settings(config)
+    if config.lora.rank:
+        lora_settings(config)
+
+    from jaxft import tasks
+
+    tasks.get(config.task).validate(config)
+
+
+# The settings objects of the layers below, built from a config. Their own checks are the only
+# ones (each thing is checked in one place); their messages name their own fields, which are
+# translated here into the config's keys.
+_OPTIMIZER_KEYS = {"name": "train.optimizer", "learning_rate": "train.learning_rate", "schedule": "train.schedule",
+                   "warmup_steps": "train.warmup_steps", "total_steps": "train.steps",
+                   "weight_decay": "train.weight_decay", "clip_norm": "train.clip_norm"}
+_STEP_KEYS = {"grad_accum": "train.grad_accum", "remat": "train.remat"}
+
+
+def optimizer_settings(config):
+    """jaxft.optim.OptimConfig of a config."""
+    from jaxft import optim
+
+    t = config.train
+    with _in_config_terms(_OPTIMIZER_KEYS):
+        return optim.OptimConfig(name=t.optimizer, learning_rate=t.learning_rate, schedule=t.schedule,
+                                 warmup_steps=t.warmup_steps, total_steps=t.steps, weight_decay=t.weight_decay,
+                                 clip_norm=t.clip_norm or None)
+
+
+def step_settings(config):
+    """jaxft.step.StepConfig of a config."""
+    from jaxft import step
+
+    t = config.train
+    with _in_config_terms(_STEP_KEYS):
+        return step.StepConfig(grad_accum=t.grad_accum, remat=t.remat, skip_nonfinite=t.on_nonfinite == "skip")
+
+
+def lora_settings(config, targets=None):
+    """jaxft.peft.lora.LoraConfig of a config (lora.rank > 0); `targets` replaces lora.targets (a
+    task may narrow "all-linear", see Task.lora_targets)."""
+    from jaxft.peft import lora
+
+    c = config.lora
+    if targets is None:
+        targets = c.targets if isinstance(c.targets, str) else tuple(c.targets)
+    return lora.LoraConfig(rank=c.rank, alpha=c.alpha, dropout=c.dropout, targets=targets, use_rslora=c.use_rslora,
+                           use_dora=c.use_dora)
+
+
+@contextlib.contextmanager
+def _in_config_terms(keys: Mapping[str, str]):
+    """Re-raises a lower layer's ValueError with its field names replaced by the config keys."""
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        for field, key in keys.items():
+            message = re.sub(rf"(?<![\w.]){re.escape(field)}(?!\w)", key, message)
+        raise ValueError(message) from None
 
 
 def from_plain(values: dict) -> ml_collections.ConfigDict:

@@ -10,7 +10,10 @@ dequantized (in float32) before the merge, and written in model.dtype or the `dt
 `peft`: `adapter_model.safetensors` + `adapter_config.json` with PEFT's key names, for
 `PeftModel.from_pretrained(base, out)` and vLLM's LoRA loader; it refers to the base by its path or
 hub id — for a QLoRA run too, the original unquantized base, as PEFT does for bitsandbytes runs.
-Both gather one tensor at a time, so host memory stays near the largest tensor.
+What the adapter says besides the weights (PEFT's task_type, the modules trained whole beside the
+adapters: modules_to_save) is the task's (Task.export_info). The checkpoint is restored without
+its optimizer state (jaxft.run.restore), and both formats gather one tensor at a time, so host
+memory stays near the model plus the largest tensor.
 """
 
 from __future__ import annotations
@@ -21,22 +24,21 @@ import jax
 import numpy as np
 
 from jaxft import hf
+from jaxft import run as run_lib
 from jaxft.models import registry
 from jaxft.models.keys import LAYER
 from jaxft.pretrained import DTYPES, flat_params, save_pretrained
+from jaxft.tasks.base import ExportInfo
 
 # Our adapter param name → PEFT's key suffix (the module path before it is the HF module path).
 _PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
-# Modules trained whole beside the adapters, which PEFT saves as they are (`modules_to_save`), with
-# the task type they imply: the sequence-classification head (jaxft.models.classification).
-_WHOLE_MODULES = {"score": "SEQ_CLS"}
 
 
 def export(workdir: str, out: str, format: str = "hf", step: int | None = None, dtype: str | None = None) -> str:
-    from jaxft.train import restore_run
-
-    run, step_index, meta = restore_run(workdir, step)
-    model = run.model_def.merge(run.state.params, run.state.frozen)
+    if format not in ("hf", "peft"):
+        raise ValueError(f"export format {format!r} is not hf or peft")
+    trained = run_lib.restore(workdir, step)
+    model, meta = trained.model(), trained.meta
     config = meta["config"]
     os.makedirs(out, exist_ok=True)
     if format == "hf":
@@ -51,10 +53,8 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
     elif format == "peft":
         if not config["lora"]["rank"]:
             raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
-        write_peft_adapter(run.state.params, meta, out, dtype, fused_parts(model))
+        write_peft_adapter(trained.params, meta, out, dtype, fused_parts(model), trained.task.export_info())
         hf.copy_tokenizer_files(meta["base"]["path"], out)
-    else:
-        raise ValueError(f"export format {format!r} is not hf or peft")
     return out
 
 
@@ -72,9 +72,10 @@ def fused_parts(model) -> dict[str, tuple[str, int, int]]:
 
 
 def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None,
-                       fused: dict[str, tuple[str, int, int]] | None = None) -> None:
+                       fused: dict[str, tuple[str, int, int]] | None = None, info: ExportInfo = ExportInfo()) -> None:
     """adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` etc., one per
-    layer, and the adapter_config.json PEFT writes for the same LoRA settings.
+    layer, and the adapter_config.json PEFT writes for the same LoRA settings. `info.modules_to_save`
+    (trained whole) are written under their HF keys, as PEFT saves them.
 
     `fused` (see fused_parts): adapters on parts of a fused HF module become one adapter on it, of
     rank k·r for k adapted parts: A stacks the parts' A, B is block-diagonal (zero rows for parts
@@ -91,7 +92,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
             groups.setdefault(fused[module_path][0], {}).setdefault(module_path, {})[name] = value
             continue
         module = path.split(".", 1)[0]
-        if module in _WHOLE_MODULES and ".adapter." not in path:  # PEFT's key: the HF key under base_model.model.
+        if module in info.modules_to_save and ".adapter." not in path:  # PEFT's key: the HF key under base_model.model.
             whole.add(module)
             out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(value.dtype)
             entries.append((f"base_model.model.{path}", tuple(value.shape), out_dtype,
@@ -122,7 +123,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
     base = meta["base"]
     hf.write_json(out, "adapter_config.json", {
         "peft_type": "LORA",
-        "task_type": _WHOLE_MODULES[min(whole)] if whole else "CAUSAL_LM",
+        "task_type": info.peft_task_type,
         "base_model_name_or_path": base.get("repo_id") or base["path"],
         "revision": base.get("revision"),
         "r": lora["rank"],

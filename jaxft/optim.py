@@ -38,11 +38,11 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer {self.name!r} is not one of {OPTIMIZERS}")
+            raise ValueError(f"name {self.name!r} is not one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"train.schedule {self.schedule!r} is not one of {SCHEDULES}")
+            raise ValueError(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.warmup_steps > self.total_steps:
-            raise ValueError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.total_steps}")
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds total_steps={self.total_steps}")
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxft import config as config_lib
 from jaxft import presets, sharding, step
+from jaxft import run as run_lib
 
 log = logging.getLogger("jaxft.plan")
 
@@ -128,7 +130,7 @@ def device_memory(device: str | None = None, config=None) -> tuple[int | None, s
         if key not in DEVICE_MEMORY_GIB:
             raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICE_MEMORY_GIB)}")
         return DEVICE_MEMORY_GIB[key] * GIB, key
-    limit = float(_get(config, "train.device_memory_gb", 0.0) or 0.0) if config is not None else 0.0
+    limit = float(config_lib.get(config, "train.device_memory_gb", 0.0) or 0.0) if config is not None else 0.0
     if limit > 0:
         return int(limit * GIB), f"train.device_memory_gb={limit:g}"
     local = jax.local_devices()[0]
@@ -169,27 +171,6 @@ def mesh_sizes(shape, num_devices: int | None = None) -> dict[str, int]:
     return sizes
 
 
-def _parts(config, hf_config):
-    """(model_def, optimizer, train_step, abstract state): what train.build makes, shapes only."""
-    from jaxft import train
-    from jaxft.pretrained import init_random
-
-    holder = {}
-
-    def make():
-        model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype)
-        quantize = _get(config, "model.quantize", "none") or "none"
-        if quantize != "none":  # as train.build does: the quantized shapes, not an estimate of them
-            from jaxft.peft import quant
-
-            quant.quantize_model(model, quantize)
-        holder["parts"] = train._training_parts(model, config)
-        return holder["parts"][3]
-
-    state = jax.eval_shape(make)
-    return (*holder["parts"][:3], state)
-
-
 _CACHE: dict[str, Estimate] = {}  # estimates are pure functions of their inputs; advice revisits many
 
 
@@ -211,7 +192,7 @@ def _fused_attention(config, hf_config, target) -> str | None:
     """The fused kernel the target runs where this machine traces the XLA reference, else None."""
     if target in (None, jax.default_backend()):
         return None  # the trace runs the implementation this backend resolves: nothing to correct
-    attention = _get(config, "model.attention", "auto")
+    attention = config_lib.get(config, "model.attention", "auto")
     if attention == "auto":
         compute = jnp.dtype(config.model.compute_dtype or config.model.dtype)
         softcap = hf_config.get("attn_logit_softcapping") is not None
@@ -220,12 +201,13 @@ def _fused_attention(config, hf_config, target) -> str | None:
 
 
 def _estimate(config, hf_config, sizes, fused) -> Estimate:
-    model_def, optimizer, _, state = _parts(config, hf_config)
+    parts = run_lib.abstract_training(config, hf_config)  # the state the run builds, as shapes
+    model_def, optimizer, state = parts.model_def, parts.optimizer, parts.state
     mesh = types.SimpleNamespace(shape=sizes)  # all sharding.logical_to_spec reads
     axes = model_def.axes
     shards = lambda path, x: _shards(sharding.logical_to_spec(axes[path], x.shape, mesh), sizes)  # noqa: E731
     per_device = lambda path, x: _nbytes(x) // shards(path, x)  # noqa: E731
-    quantize = _get(config, "model.quantize", "none") or "none"
+    quantize = config_lib.get(config, "model.quantize", "none") or "none"
     layers = int(hf_config["num_hidden_layers"])
     frozen = sum(per_device(p, x) for p, x in state.frozen.items())
     trainable = sum(per_device(p, x) for p, x in state.params.items())
@@ -241,12 +223,13 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     dp = sizes["data"] * sizes["fsdp"]
     micro = max(config.train.batch_size // accum // dp, 1)
     seq, vocab = config.data.seq_len, int(hf_config["vocab_size"])
-    saved = _residuals(model_def, state, config, micro, seq, vocab, layers, hf_config, sizes, fused)
+    saved = _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused)
     if config.train.remat == "none":
         full = saved
     else:  # the remat policy is part of the model graph: trace a copy without it for one layer's intermediates
-        plain = _with(config, {"train.remat": "none"})
-        full = _residuals(*_parts(plain, hf_config)[::3], plain, micro, seq, vocab, layers, hf_config, sizes, fused)
+        plain = config_lib.with_values(config, {"train.remat": "none"})
+        full = _residuals(run_lib.abstract_training(plain, hf_config), plain, micro, seq, vocab, layers, hf_config,
+                          sizes, fused)
     layer = full["stacked"] // layers  # one layer's forward intermediates
     recomputed = max(layer - saved["stacked"] // layers, 0)  # what remat drops and the backward redoes
     # Backward of one layer: its cotangents (about its intermediates' size) plus part of what remat
@@ -260,7 +243,8 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
                              for p, x in stacked) // layers
     chunk = config.train.loss_chunk or seq
     tp = sizes["tensor"] if vocab % sizes["tensor"] == 0 else 1
-    logits_working = micro * chunk * vocab * 4 // tp  # the logits' cotangent (softmax fused in)
+    # The logits' cotangent (softmax fused in), for objectives that make [B, T, V] logits at all.
+    logits_working = micro * chunk * vocab * 4 // tp if saved["logits"] else 0
     # After the backward pass the activations are gone and the optimizer makes its updates (one
     # array per trainable param): in full fine-tuning that, not the backward pass, is the peak.
     update_working = trainable - saved["other"] - saved["logits"]
@@ -281,11 +265,12 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
          f"logits, chunks of {chunk} tokens", saved["logits"], ""),
         ("working set", *working),
     ]
-    rows = [row for row in rows if row[1] or not row[0].startswith("frozen")]  # full fine-tuning freezes nothing
+    # Full fine-tuning freezes nothing; an objective without vocabulary logits (a classifier) has none.
+    rows = [row for row in rows if row[1] or not row[0].startswith(("frozen", "logits"))]
     from jaxft.models import attention as attn_lib
 
     implementation = fused or attn_lib.resolve_implementation(
-        _get(config, "model.attention", "auto"), dtype=config.model.compute_dtype or config.model.dtype,
+        config_lib.get(config, "model.attention", "auto"), dtype=config.model.compute_dtype or config.model.dtype,
         softcap=hf_config.get("attn_logit_softcapping") is not None)
     settings = {"micro_batch": micro, "grad_accum": accum, "seq_len": seq, "remat": config.train.remat,
                 "loss_chunk": config.train.loss_chunk, "lora_rank": config.lora.rank, "quantize": quantize,
@@ -293,18 +278,18 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     return Estimate(rows, settings)
 
 
-def _residuals(model_def, state, config, micro, seq, vocab, layers, hf_config, sizes, fused) -> dict[str, int]:
-    """Bytes of the loss VJP's residuals per device: {"logits", "stacked" (per-layer, [L, ...]), "other"}.
+def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused) -> dict[str, int]:
+    """Bytes of the objective's loss VJP's residuals per device: {"logits", "stacked" (per-layer,
+    [L, ...]), "other"}, traced on a micro-batch of the task's batch shapes.
 
     The inputs (params, the batch) are not residuals here: they are counted once, above. With
     `fused` attention, the reference's [.., T, S] scores, probabilities and mask are left out.
     """
     from jax.extend import core as jcore
 
-    cfg = step.StepConfig(remat=config.train.remat, loss_chunk=config.train.loss_chunk)
-    loss_fn = step.make_loss_fn(model_def, cfg)
-    batch = {k: jax.ShapeDtypeStruct((micro, seq), jnp.float32 if k == "loss_mask" else jnp.int32)
-             for k in step.BATCH_KEYS}
+    state = parts.state
+    loss_fn = step.make_loss_fn(parts.model_def, parts.objective)
+    batch = parts.task.batch_spec(config, micro)
 
     def forward(params, frozen, batch, rng):
         return jax.vjp(lambda p: loss_fn(p, frozen, batch, 1.0, rng)[0], params)
@@ -360,27 +345,6 @@ def _dtypes(tree) -> str:
     return "/".join(sorted({str(x.dtype) for x in jax.tree.leaves(tree)}))
 
 
-def _with(config, overrides: dict):
-    """A copy of `config` with {"section.key": value} set (keys the config lacks are added)."""
-    config = config.copy_and_resolve_references()
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    return config
-
-
-def _get(config, key: str, default=None):
-    node = config
-    for name in key.split("."):
-        if name not in node:
-            return default
-        node = node[name]
-    return node
-
-
 def _flags(overrides: dict) -> str:
     return " ".join(f"--config.{k}={v}" for k, v in overrides.items())
 
@@ -412,19 +376,20 @@ def nearest_fit(config, hf_config, sizes, memory, target=None) -> tuple[list[tup
     loss, lower LoRA rank, a quantized base (LoRA only) — each on top of the last, until the estimate
     fits; then undoes every change the fit does not need. Returns (what was tried, the overrides)."""
     def total(overrides: dict) -> int:
-        return estimate(_with(config, overrides), hf_config, sizes, target).total
+        return estimate(config_lib.with_values(config, overrides), hf_config, sizes, target).total
 
     tried, current = [], {}
-    for key, values in _knobs(config, sizes):
+    chunkable = estimate(config, hf_config, sizes, target).get("logits") > 0  # only a vocabulary loss chunks
+    for key, values in _knobs(config, sizes, chunkable):
         for value in values:
             current = {**current, key: value}
             tried.append((current, total(current)))
             if tried[-1][1] <= memory:
-                return tried, _undo_unneeded(config, sizes, current, total, memory)
+                return tried, _undo_unneeded(config, sizes, current, total, memory, chunkable)
     return tried, None
 
 
-def _knobs(config, sizes):
+def _knobs(config, sizes, chunkable: bool = True):
     """(key, values from the current setting towards the most frugal) in the order they are tried."""
     dp = sizes["data"] * sizes["fsdp"]
     batch, accum = config.train.batch_size, config.train.grad_accum
@@ -433,24 +398,25 @@ def _knobs(config, sizes):
     remat = REMAT_ORDER.index(config.train.remat)
     yield "train.remat", list(REMAT_ORDER[remat + 1:])
     seq = config.data.seq_len
-    if not config.train.loss_chunk:
+    if chunkable and not config.train.loss_chunk:
         yield "train.loss_chunk", [c for c in (512, 256, 128) if seq % c == 0 and c < seq][:1]
     if config.lora.rank:
         yield "lora.rank", [r for r in (8, 4) if r < config.lora.rank]
-        quantize = _get(config, "model.quantize", "none") or "none"
+        quantize = config_lib.get(config, "model.quantize", "none") or "none"
         yield "model.quantize", list(QUANT_ORDER[QUANT_ORDER.index(quantize) + 1:])
     elif not (config.train.freeze or config.train.freeze_first_layers):
         yield "lora.rank", [16]  # full fine-tuning that cannot fit: train adapters instead
 
 
-def _undo_unneeded(config, sizes, found: dict, total, memory) -> dict:
+def _undo_unneeded(config, sizes, found: dict, total, memory, chunkable: bool) -> dict:
     """For each change, newest first, the setting closest to the config's own that still fits."""
     result = dict(found)
     for key in reversed(list(found)):
-        original = _get(config, key, "none")
-        values = [original] + [v for k, vs in _knobs(config, sizes) if k == key for v in vs if v != found[key]]
+        original = config_lib.get(config, key, "none")
+        values = [original] + [v for k, vs in _knobs(config, sizes, chunkable) if k == key for v in vs
+                               if v != found[key]]
         for value in values:
-            trial = {k: v for k, v in {**result, key: value}.items() if v != _get(config, k, "none")}
+            trial = {k: v for k, v in {**result, key: value}.items() if v != config_lib.get(config, k, "none")}
             if _ordered_before(key, value, found[key]) and total(trial) <= memory:
                 result = trial
                 break
@@ -477,12 +443,11 @@ def compiled_memory(config, hf_config: dict, sizes: dict[str, int]) -> dict:
     aliased to the donated arguments; temp = everything else live at the peak (activations,
     gradients, the logits). Peak = argument + output - alias + temp."""
     mesh = sharding.make_mesh(sizes, devices=jax.devices()[:math.prod(sizes.values())])
-    model_def, optimizer, train_step, state = _parts(config, hf_config)
-    jitted, _ = step.compile_train_step(train_step, state, optimizer, model_def, mesh)
-    shape = (config.train.batch_size, config.data.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in step.BATCH_KEYS}
+    parts = run_lib.abstract_training(config, hf_config)
+    jitted, _ = step.compile_train_step(parts.train_step, parts.state, parts.optimizer, parts.model_def, mesh)
+    batch = parts.task.batch_spec(config, config.train.batch_size)
     with sharding.activate(mesh):
-        stats = jitted.lower(state, batch).compile().memory_analysis()
+        stats = jitted.lower(parts.state, batch).compile().memory_analysis()
     counts = {"argument": stats.argument_size_in_bytes, "output": stats.output_size_in_bytes,
               "alias": stats.alias_size_in_bytes, "temp": stats.temp_size_in_bytes}
     counts["peak"] = counts["argument"] + counts["output"] - counts["alias"] + counts["temp"]

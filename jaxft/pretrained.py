@@ -46,7 +46,7 @@ def flat_params(model_or_state) -> tuple[nnx.GraphDef | None, dict[str, nnx.Vari
 def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_dtype=None, mesh: Mesh | None = None,
                     rules: sharding.Rules = sharding.DEFAULT_RULES, revision: str | None = None,
                     allow_pickle: bool = False, labels=None, pad_token_id: int | None = None,
-                    seed: int = 0, quantize: str | None = None) -> nnx.Module:
+                    seed: int = 0, quantize: str | None = None, skip=()) -> nnx.Module:
     """Loads an HF causal LM or sequence classifier (local folder or hub id) as a jaxft model.
 
     dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With a mesh, each
@@ -58,6 +58,9 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
     quantize ("int8" | "nf4", QLoRA): the decoder layers' Linear weights are stored quantized
     (jaxft.peft.quant), each layer quantized as it is read: the device never holds the dense stack,
     only the quantized model plus one layer of one weight (and its float32 quantization temporaries).
+    skip: param paths that are checked against the checkpoint but not read: their values stay
+    jax.ShapeDtypeStructs, for a caller that has them already (a full fine-tuning checkpoint
+    restores them: jaxft.run.restore), so that they are never held twice.
 
         model = jaxft.from_pretrained("meta-llama/Llama-3.2-1B", dtype="bfloat16")
         logits = model(input_ids, attention_mask=mask)  # [B, T, V]
@@ -94,17 +97,25 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
             rules_table, ignored = [r for r in rules_table if r.param not in fresh], ignored + more_ignored
         check_checkpoint(rules_table, {p: v.shape for p, v in params.items()}, config.num_hidden_layers,
                          checkpoint.shapes, checkpoint.files, ignored)
+        skip = set(skip)
+        if skip & set(quantized):
+            raise ValueError(f"cannot skip quantized params ({sorted(skip & set(quantized))[:3]}): they are built from "
+                             "the checkpoint as they are read")
         loaded = {rule.param: _load_param(checkpoint, rule, params[rule.param], place(params[rule.param]),
                                           config.num_hidden_layers)
-                  for rule in rules_table if rule.param not in quantized}
+                  for rule in rules_table if rule.param not in quantized and rule.param not in skip}
+        loaded.update({p: jax.ShapeDtypeStruct(tuple(params[p].shape), params[p].dtype, sharding=place(params[p]))
+                       for p in skip if p in params})
         for rule in (r for r in rules_table if r.param in quantized):
             loaded.update(_load_quantized(checkpoint, rule, params[rule.param],
                                           {p: final_params[p] for p in quantized[rule.param]}, place,
                                           config.num_hidden_layers, quantize))
         for i, path in enumerate(fresh):
+            if path in skip:
+                continue
             loaded[path] = _normal_init(jax.random.fold_in(jax.random.key(seed), i), tuple(params[path].shape),
                                         np.dtype(params[path].dtype), place(params[path]))
-        jax.block_until_ready(list(loaded.values()))  # host buffers must outlive their transfers
+        jax.block_until_ready([v for v in loaded.values() if isinstance(v, jax.Array)])  # host buffers must outlive their transfers
     state = nnx.from_flat_state([(tuple(p.split(".")), final_params[p].replace(value=loaded[p])) for p in final_params])
     model = nnx.merge(final_graphdef, state)
     model.source = source

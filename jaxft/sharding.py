@@ -108,9 +108,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    """[batch, seq] arrays: rows split over the data-parallel axes (data and fsdp)."""
+    """Batch arrays of any rank ([batch], [batch, seq], ...): rows split over the data-parallel axes
+    (data and fsdp), every other dimension whole."""
     batch_axes = dict(rules)[layers.Axis.BATCH]
-    return NamedSharding(mesh, PartitionSpec(batch_axes, None))
+    return NamedSharding(mesh, PartitionSpec(batch_axes))
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:

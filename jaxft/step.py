@@ -1,21 +1,23 @@
-"""The loss and the jitted train step.
+"""The jitted train step around an objective's loss.
 
     model_def, params, frozen = split_model(model, trainable=is_lora_param)   # or all params
     optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes)
     state = init_state(params, frozen, optimizer, seed=0)
-    train_step = make_train_step(model_def, optimizer, StepConfig(grad_accum=4))
+    objective = jaxft.tasks.causal_lm.NextTokenLoss()                          # or any Objective
+    train_step = make_train_step(model_def, optimizer, objective, StepConfig(grad_accum=4))
     state, metrics = train_step(state, batch)       # jit it with compile_train_step(...) for meshes
 
 Params live in flat {path: array} dicts (paths as in jaxft.pretrained.flat_params): simple to
 mask, shard, checkpoint and read. Only the trainable dict reaches the optimizer, so frozen params
-carry no optimizer state. The loss is the mean token cross-entropy over every target token of the
-whole global batch, micro-batches included, so k micro-batches of b equal one batch of k·b.
+carry no optimizer state. The step knows nothing of any objective's loss: it asks the Objective
+for the batch's normalizer and each micro-batch's share of the loss (see Objective), so that k
+micro-batches of b rows equal one batch of k·b for every objective alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +27,19 @@ from flax import nnx, struct
 from jaxft.models import layers
 
 REMAT_POLICIES = layers.REMAT_POLICIES
-BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
-    z_loss: float = 0.0  # weight of mean(logsumexp²): keeps logits from drifting (PaLM)
     remat: str = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
     skip_nonfinite: bool = False  # a step with a non-finite loss or gradient leaves params and optimizer as they were
-    loss_chunk: int = 0  # > 0: the loss runs over sequence chunks of this many tokens, never holding [B, T, V] logits
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"train.remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.grad_accum < 1:
-            raise ValueError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,92 +95,67 @@ def init_state(params, frozen, optimizer: optax.GradientTransformation, seed: in
                       opt_state=optimizer.init(params), rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def cross_entropy_sums(logits, targets, loss_mask, z_loss: float = 0.0):
-    """Sums over masked tokens of -log p(target) and of logsumexp² (float32 whatever the logits)."""
-    logits = logits.astype(jnp.float32)  # [B, T, V]
-    logsumexp = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = loss_mask.astype(jnp.float32)
-    nll = (logsumexp - target_logit) * mask
-    z = jnp.square(logsumexp) * mask if z_loss else jnp.zeros_like(nll)
-    return nll.sum(), z.sum()
+class Objective(Protocol):
+    """What the step needs of an objective (each jaxft.tasks Task builds one).
+
+    normalizer(batch): the count the loss is averaged over, for the WHOLE batch (tokens with a
+    target, rows, pairs, ...), computed before the batch is split into micro-batches.
+    loss(model, micro_batch, normalizer) -> (loss, metrics): the loss summed over this micro-batch
+    and divided by that whole-batch count; metrics likewise (sums / normalizer), so that summing
+    over micro-batches gives the batch's values and k micro-batches of b rows equal one batch of k·b.
+    `metrics["loss"]`, when given, is what is logged as the loss (e.g. without a regularizer).
+    """
+
+    def normalizer(self, batch: dict[str, jax.Array]) -> jax.Array: ...
+
+    def loss(self, model: nnx.Module, batch: dict[str, jax.Array], normalizer: jax.Array) -> tuple[jax.Array, dict]: ...
 
 
-def _forward(model, batch):
-    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-
-
-def chunked_cross_entropy_sums(model, hidden, targets, loss_mask, z_loss: float, chunk: int):
-    """cross_entropy_sums over sequence chunks: each chunk's [B, chunk, V] logits are made, reduced
-    and (under remat) recomputed in the backward pass, so full-vocab fp32 logits never coexist."""
-    batch, length, _ = hidden.shape
-    if length % chunk:
-        raise ValueError(f"train.loss_chunk={chunk} does not divide data.seq_len={length}")
-    split = lambda x: x.reshape(batch, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
-
-    @jax.checkpoint
-    def one_chunk(carry, xs):
-        h, t, m = xs
-        nll, z = cross_entropy_sums(model.logits(h), t, m, z_loss)
-        return (carry[0] + nll, carry[1] + z), None
-
-    (nll, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                               (split(hidden), split(targets), split(loss_mask)))
-    return nll, z
-
-
-def make_loss_fn(model_def: ModelDef, cfg: StepConfig):
-    def loss_fn(params, frozen, batch, num_targets, rng):
-        """Loss summed over this micro-batch, divided by the target count of the whole batch."""
+def make_loss_fn(model_def: ModelDef, objective: Objective):
+    def loss_fn(params, frozen, batch, normalizer, rng):
+        """(loss, metrics) of one micro-batch, as the objective computes them; dropout keyed by rng."""
         model = model_def.merge(params, frozen)
         with layers.dropout_rng(rng):
-            if cfg.loss_chunk:
-                hidden = model.hidden_states(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                             positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
-                nll, z = chunked_cross_entropy_sums(model, hidden, batch["targets"], batch["loss_mask"], cfg.z_loss,
-                                                    cfg.loss_chunk)
-            else:
-                nll, z = cross_entropy_sums(_forward(model, batch), batch["targets"], batch["loss_mask"], cfg.z_loss)
-        return (nll + cfg.z_loss * z) / num_targets, (nll, z)
+            return objective.loss(model, batch, normalizer)
 
     return loss_fn
 
 
-def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, cfg: StepConfig,
-                    schedule: optax.Schedule | None = None):
-    loss_fn = make_loss_fn(model_def, cfg)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation, objective: Objective,
+                    cfg: StepConfig = StepConfig(), schedule: optax.Schedule | None = None):
+    """train_step(state, batch) -> (state, metrics): the objective's loss, its gradient accumulated
+    over cfg.grad_accum micro-batches, one optimizer update. metrics: the objective's, plus
+    grad_norm, finite and (with a schedule) learning_rate."""
+    grad_fn = jax.value_and_grad(make_loss_fn(model_def, objective), has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        num_targets = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        normalizer = jnp.maximum(jnp.asarray(objective.normalizer(batch), jnp.float32), 1.0)
         key = jax.random.wrap_key_data(state.rng)
         step_key, next_key = jax.random.split(jax.random.fold_in(key, state.step))
         if cfg.grad_accum == 1:
-            (_, (nll, z)), grads = grad_fn(state.params, state.frozen, batch, num_targets, step_key)
+            (loss, metrics), grads = grad_fn(state.params, state.frozen, batch, normalizer, step_key)
         else:
             k = cfg.grad_accum
             # Row j of micro-batch i is row j*k + i: every micro-batch spans all data-parallel devices.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
 
-            def accumulate(carry, xs):
-                grads, nll, z = carry
+            def accumulate(totals, xs):
                 micro_batch, index = xs
-                (_, (m_nll, m_z)), m_grads = grad_fn(state.params, state.frozen, micro_batch, num_targets,
-                                                     jax.random.fold_in(step_key, index))
-                return (jax.tree.map(jnp.add, grads, m_grads), nll + m_nll, z + m_z), None
+                out = grad_fn(state.params, state.frozen, micro_batch, normalizer, jax.random.fold_in(step_key, index))
+                return jax.tree.map(jnp.add, totals, out), None
 
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, nll, z), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (micro, jnp.arange(k)))
+            first = jax.tree.map(lambda x: x[0], micro)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, state.frozen, first, normalizer,
+                                                                 step_key))
+            ((loss, metrics), grads), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(k)))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(nll) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if cfg.skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        metrics = {"loss": nll / num_targets, "z_loss": z / num_targets, "grad_norm": grad_norm,
-                   "num_targets": num_targets, "finite": finite}
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm, "finite": finite}
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
@@ -189,15 +163,6 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(model_def: ModelDef):
-    def eval_step(params, frozen, batch):
-        logits = _forward(model_def.merge(params, frozen), batch)
-        nll, _ = cross_entropy_sums(logits, batch["targets"], batch["loss_mask"])
-        return {"nll_sum": nll, "num_targets": batch["loss_mask"].astype(jnp.float32).sum()}
-
-    return eval_step
 
 
 def compile_train_step(train_step, state: TrainState, optimizer, model_def: ModelDef, mesh, rules=None):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxft import config as config_lib
-from jaxft import presets, sharding, train
+from jaxft import presets, sharding
+from jaxft import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -37,7 +38,7 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
     else:
         with open(os.path.join(config.model.path, "config.json")) as f:
             hf_config = json.load(f)
-    model_def, state = train.abstract_state(config, hf_config)
+    state = run_lib.abstract_training(config, hf_config).state
     every = {**state.params, **state.frozen}
     total = sum(int(np.prod(x.shape)) for p, x in every.items() if ".adapter." not in p)  # the base model
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -66,3 +67,49 @@ def test_a_url_workdir_is_refused_before_anything_is_written():
     config = config_lib.load(os.path.join(ROOT, "configs", "demo.py"), ["--config.workdir=gs://bucket/runs/a"])
     with pytest.raises(ValueError, match="is a URL.*gcsfuse"):
         config_lib.validate(config)
+
+
+DEMO = os.path.join(ROOT, "configs", "demo.py")
+CLASSIFY = os.path.join(ROOT, "configs", "classify_demo.py")
+
+
+@pytest.mark.parametrize("config_file,override,message", [
+    # Checked once, by the layer that uses the setting, and named here by its config key.
+    (DEMO, ["--config.train.warmup_steps=70"], r"^train\.warmup_steps=70 exceeds train\.steps=60$"),
+    (DEMO, ["--config.train.schedule=step"], r"^train\.schedule 'step' is not one of"),
+    (DEMO, ["--config.train.optimizer=adam"], r"^train\.optimizer 'adam' is not one of"),
+    (DEMO, ["--config.train.remat=some"], r"^train\.remat 'some' is not one of"),
+    (DEMO, ["--config.train.grad_accum=0"], r"^train\.grad_accum must be >= 1, got 0$"),
+    (DEMO, ["--config.lora.dropout=1.5"], r"^lora\.dropout must be in \[0, 1\), got 1\.5$"),
+    (DEMO, ["--config.train.log_every=0"], r"^train\.log_every must be > 0, got 0$"),
+    # The task's own rules (jaxft.tasks.*.validate).
+    (DEMO, ["--config.train.loss_chunk=24"], r"^train\.loss_chunk=24 does not divide data\.seq_len=64$"),
+    (CLASSIFY, ["--config.train.z_loss=0.001"], r"^train\.z_loss=0\.001 is a term of the language-model loss"),
+    (CLASSIFY, ["--config.train.loss_chunk=16"], r"^train\.loss_chunk=16 is a term of the language-model loss"),
+    (DEMO, ["--config.task=dpo"], r"^task 'dpo' must be causal_lm or classification$"),
+])
+def test_validate_names_the_config_key(config_file, override, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config_lib.load(config_file, override))
+
+
+def test_the_layers_below_name_their_own_terms():
+    from jaxft import optim, step
+
+    with pytest.raises(ValueError, match=r"^warmup_steps=5 exceeds total_steps=2$"):
+        optim.OptimConfig(warmup_steps=5, total_steps=2)
+    with pytest.raises(ValueError, match=r"^remat 'some' is not one of"):
+        step.StepConfig(remat="some")
+
+
+def test_one_dotted_key_walker_for_configs_and_saved_dicts():
+    config = config_lib.load(DEMO)
+    plain = config_lib.to_plain(config)
+    for key in ("train.steps", "data.seq_len", "model.path", "checkpoint.resume_from"):
+        assert config_lib.get(config, key) == config_lib.get(plain, key)
+    assert config_lib.get(config, "mesh.shape").to_dict() == config_lib.get(plain, "mesh.shape") == {"data": -1}
+    assert config_lib.get(plain, "train.nope", None) is None and config_lib.get(plain, "nope.steps", 7) == 7
+    with pytest.raises(KeyError, match="config has no key 'train.nope'"):
+        config_lib.get(config, "train.nope")
+    changed = config_lib.with_values(config, {"train.steps": 3, "train.remat": "full"})
+    assert (changed.train.steps, changed.train.remat, config.train.steps) == (3, "full", 60)

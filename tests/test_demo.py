@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import jaxft
-from jaxft import train
+from jaxft import run as run_lib
 from jaxft.demo import FACTS_EVAL, FACTS_TRAIN, MODEL_DIR, build
 from jaxft.generate import greedy_generate
 
@@ -94,8 +94,7 @@ def test_demo_training_teaches_the_facts(demo_run, tokenizer):
     facts = read_jsonl(FACTS_EVAL)
     prompts = [r["prompt"] for r in facts]
     before = exact_match(answers(jaxft.from_pretrained(MODEL_DIR), tokenizer, prompts), facts)
-    run, _, _ = train.restore_run(str(demo_run))
-    after = exact_match(answers(run.model_def.merge(run.state.params, run.state.frozen), tokenizer, prompts), facts)
+    after = exact_match(answers(run_lib.restore(str(demo_run)).model(), tokenizer, prompts), facts)
     print(f"\n[demo] exact match {before:.1%} -> {after:.1%}, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert before <= 0.10 and after >= 0.90
     report = json.load(open(demo_run / "report.json"))  # the run's own task eval says the same
@@ -110,8 +109,7 @@ def test_demo_export_loads_in_transformers_and_answers_the_same(demo_run, tokeni
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     facts = read_jsonl(FACTS_EVAL)
-    run, _, _ = train.restore_run(str(demo_run))
-    ours = answers(run.model_def.merge(run.state.params, run.state.frozen), tokenizer, [r["prompt"] for r in facts])
+    ours = answers(run_lib.restore(str(demo_run)).model(), tokenizer, [r["prompt"] for r in facts])
     theirs = []
     for row in facts:
         ids = hf_tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]

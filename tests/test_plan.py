@@ -114,3 +114,21 @@ def _mesh():
     from jaxft import sharding
 
     return sharding.make_mesh({"data": -1})
+
+
+def test_classification_plan_counts_its_head_and_matches_the_compiled_step():
+    """task=classification: the plan is of the run that executes (jaxft.run builds both): the
+    `score` head [4, 128] trains whole with its AdamW moments, and no vocabulary logits are kept."""
+    overrides = ["--config.mesh.shape={'data': 1}"]
+    classify = plan.plan(_load(f"{CONFIGS}/classify_demo.py", *overrides), compile=True, num_devices=1)
+    as_lm = plan.plan(_load(f"{CONFIGS}/classify_demo.py", *overrides, "--config.task=causal_lm"), num_devices=1)
+    head = 4 * 128 * 4  # float32; the same LoRA adapters otherwise (all-linear but the heads)
+    assert classify.estimate.get("trainable") - as_lm.estimate.get("trainable") == head
+    assert classify.estimate.get("optimizer state") - as_lm.estimate.get("optimizer state") == 2 * head
+    assert classify.estimate.get("logits") == 0 < as_lm.estimate.get("logits")
+    compiled = classify.compiled
+    print(f"\n[plan, classify_demo] estimate {classify.estimate.total / 2**20:.2f} MiB, compiled "
+          f"{compiled['peak'] / 2**20:.2f} MiB")
+    assert 0.8 < classify.estimate.total / compiled["peak"] < 1.2, classify.table()
+    state = sum(classify.estimate.get(r) for r in ("frozen base", "trainable", "optimizer state"))
+    assert state == pytest.approx(compiled["argument"], rel=0.01)

@@ -272,7 +272,7 @@ def pretrain_config(corpus_file: str, init_dir: str, workdir: str, steps: int):
 def pretrain(docs: list[str], tokenizer, steps: int, out_dir: str, scratch: str) -> float:
     """Pre-trains from random weights with jaxft's own loop; returns the final train loss."""
     import jaxft
-    from jaxft import train
+    from jaxft import run, train
 
     corpus_file = os.path.join(scratch, "corpus.jsonl")
     with open(corpus_file, "w") as f:
@@ -284,8 +284,7 @@ def pretrain(docs: list[str], tokenizer, steps: int, out_dir: str, scratch: str)
     tokenizer.save_pretrained(init_dir)
     workdir = os.path.join(scratch, "run")
     train.train(pretrain_config(corpus_file, init_dir, workdir, steps))
-    run, _, _ = train.restore_run(workdir)
-    model = run.model_def.merge(run.state.params, run.state.frozen)
+    model = run.restore(workdir).model()
     shutil.rmtree(out_dir, ignore_errors=True)
     jaxft.save_pretrained(model, out_dir)
     tokenizer.save_pretrained(out_dir)

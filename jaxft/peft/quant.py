@@ -64,7 +64,7 @@ class QuantParam(nnx.Param):
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        raise ValueError(f"model.quantize {mode!r} is not one of {('none', *MODES)}")
+        raise ValueError(f"quantization mode {mode!r} is not one of {MODES}")
     return mode
 
 

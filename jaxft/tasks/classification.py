@@ -1,107 +1,59 @@
-"""Sequence-classification fine-tuning: rows {"text": ..., "label": ...} → a head on the last
-non-pad token, trained by the ordinary train step, evaluated by accuracy and macro-F1.
+"""`task = "classification"`: sequence classification, a head on the last non-pad token.
 
+    jaxft train --config configs/classify_demo.py            # rows {"text": ..., "label": ...}
+
+Library use, without the train loop:
     model = jaxft.from_pretrained(folder, labels=["negative", "positive"], pad_token_id=tokenizer.pad_token_id)
     train = encode(read_rows("train.jsonl"), tokenizer, model.labels, seq_len=64, pad_token_id=model.pad_token_id)
     apply_lora(model, LoraConfig(rank=8, alpha=16, targets=lora_targets(model)))   # the head stays whole
     model_def, params, frozen = step.split_model(model, with_head(is_lora_param))
     optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()), donate_argnums=0)
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, SequenceCrossEntropy()), donate_argnums=0)
     for batch in batches(train, batch_size=32, seed=0):
         state, metrics = train_step(state, batch)
     evaluate(model_def.merge(state.params, state.frozen), valid)   # {"accuracy", "f1", "eval_loss", ...}
 
-Why the causal-LM step trains it unchanged: a SequenceClassifier returns class logits for every
-token, and `encode` gives each row one target, its label, at the token the head pools (loss_mask
-one-hot there); the step's mean token cross-entropy is then the mean over rows of the
-classification loss, with micro-batching, remat and meshes as for language modelling.
+The loss is its own: cross-entropy of the pooled class logits [B, C] (model.classify, as HF's
+*ForSequenceClassification computes them) against one label per row, averaged over the rows of
+the whole batch. Nothing of the language-model loss applies (train.z_loss and train.loss_chunk
+are refused). Eval: eval_loss, accuracy and macro-F1 on data.validation. The head trains whole
+beside the adapters and exports as PEFT's modules_to_save with task_type SEQ_CLS.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxft.data.config import parse_source
-from jaxft.data.errors import DataError, RowError
-from jaxft.data.sources import open_source
-from jaxft.models.classification import last_token_index
+from jaxft import sharding
+from jaxft.data.labelled import LabelledData, batches, encode, read_rows  # noqa: F401  (the library API above)
 from jaxft.peft.lora import OUTPUT_HEAD, linear_modules
+from jaxft.tasks.base import ExportInfo, Task, need
 
-HEAD_PREFIX = "score."
-STEP_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask")
-
-
-def read_rows(spec: Any, *, text_field: str = "text", label_field: str = "label",
-              key: str = "data.train") -> list[tuple[str, dict]]:
-    """(origin, row) pairs from a JSONL/Parquet pattern, 'hf:name@split' or 'tfds:name@split'."""
-    source = open_source(parse_source(spec, key), key=key, default_split="train", tfds_data_dir=None,
-                         columns=(text_field, label_field))
-    rows = []
-    for origin, row in source.read(range(len(source))):
-        if isinstance(row, RowError):
-            raise DataError(f"{origin}: {row.message}")
-        rows.append((origin, row))
-    return rows
+HEAD = "score"
+HEAD_PREFIX = HEAD + "."
 
 
-def encode(rows: Sequence[tuple[str, dict] | dict], tokenizer, labels: Sequence[str], seq_len: int, pad_token_id: int,
-           *, text_field: str = "text", label_field: str = "label") -> dict[str, np.ndarray]:
-    """Rows → right-padded arrays [N, seq_len] plus `labels` [N].
+class SequenceCrossEntropy:
+    """The classification Objective (see jaxft.step.Objective): Σ over rows of -log p(label) of
+    the pooled class logits / the batch's row count; `accuracy` likewise."""
 
-    A label is a name from `labels` or an id into it. Texts longer than seq_len keep their first
-    seq_len tokens (transformers' default truncation); `truncated` counts them.
-    """
-    ids = np.full((len(rows), seq_len), pad_token_id, np.int32)
-    label_ids = np.zeros(len(rows), np.int32)
-    truncated = 0
-    for i, item in enumerate(rows):
-        origin, row = item if isinstance(item, tuple) else (f"row {i}", item)
-        text, label = row.get(text_field), row.get(label_field)
-        if not isinstance(text, str) or not text:
-            raise DataError(f"{origin}: field {text_field!r} must be a non-empty string, got {text!r}")
-        label_ids[i] = _label_id(label, labels, origin, label_field)
-        tokens = list(tokenizer(text)["input_ids"])
-        truncated += len(tokens) > seq_len
-        ids[i, :min(len(tokens), seq_len)] = tokens[:seq_len]
-    pooled = np.asarray(last_token_index(ids, pad_token_id))  # the token the head scores, as HF picks it
-    loss_mask = np.zeros((len(rows), seq_len), np.float32)
-    loss_mask[np.arange(len(rows)), pooled] = 1.0
-    return {"input_ids": ids, "attention_mask": (ids != pad_token_id).astype(np.int32),
-            "targets": np.repeat(label_ids[:, None], seq_len, axis=1), "loss_mask": loss_mask,
-            "labels": label_ids, "truncated": np.int32(truncated)}
+    def normalizer(self, batch):
+        return jnp.asarray(batch["labels"].shape[0], jnp.float32)
 
-
-def _label_id(label: Any, labels: Sequence[str], origin: str, field: str) -> int:
-    if isinstance(label, str) and label in labels:
-        return list(labels).index(label)
-    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= label < len(labels):
-        return int(label)
-    raise DataError(f"{origin}: {field} {label!r} is neither one of {list(labels)} nor an id in 0..{len(labels) - 1}")
-
-
-def batches(data: dict[str, np.ndarray], batch_size: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Endless shuffled batches of the train-step keys; each epoch is a new permutation, the
-    remainder that does not fill a batch waits for the next one."""
-    for take in _index_batches(len(data["labels"]), batch_size, seed):
-        yield {k: data[k][take] for k in STEP_KEYS}
-
-
-def _index_batches(count: int, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[np.ndarray]:
-    # Row indices only, so that a resumed iterator can replay N batches in microseconds (the order
-    # is a pure function of the seed and the position: nothing but a counter needs saving).
-    rng = np.random.RandomState(seed)
-    if count < batch_size:
-        raise DataError(f"{count} examples cannot fill one batch of {batch_size}")
-    order = np.zeros(0, np.int64)
-    while True:
-        while len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(count) if shuffle else np.arange(count)])
-        take, order = order[:batch_size], order[batch_size:]
-        yield take
+    def loss(self, model, batch, normalizer):
+        logits = model.classify(batch["input_ids"], attention_mask=batch["attention_mask"]).astype(jnp.float32)
+        labels = batch["labels"].astype(jnp.int32)  # [B]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, C]
+        nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return nll.sum() / normalizer, {"accuracy": correct.sum() / normalizer}
 
 
 def with_head(trainable: Callable[[str, nnx.Variable], bool]) -> Callable[[str, nnx.Variable], bool]:
@@ -111,7 +63,7 @@ def with_head(trainable: Callable[[str, nnx.Variable], bool]) -> Callable[[str, 
 
 def lora_targets(model: nnx.Module) -> tuple[str, ...]:
     """"all-linear" for a classifier: every Linear but the head, which trains whole instead."""
-    return tuple(sorted({path[-1] for path in linear_modules(model)} - {"score", OUTPUT_HEAD}))
+    return tuple(sorted({path[-1] for path in linear_modules(model)} - {HEAD, OUTPUT_HEAD}))
 
 
 def evaluate(model: nnx.Module, data: dict[str, np.ndarray], batch_size: int = 64) -> dict[str, float]:
@@ -149,3 +101,81 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_labels
         if tp + wrong:
             f1s.append(2 * tp / (2 * tp + wrong))
     return {"accuracy": float(np.mean(predicted == labels)), "f1": float(np.mean(f1s)), "num_examples": float(len(labels))}
+
+
+class Classification(Task):
+    name = "classification"
+    section = "classification"
+    resume_keys = ("classification.labels",)
+
+    def validate(self, config) -> None:
+        labels = list(config.classification.labels)
+        need(len(labels) >= 2 and len(set(labels)) == len(labels) and all(isinstance(x, str) for x in labels),
+             f"classification.labels must be >= 2 distinct label names, got {labels}")
+        need(bool(config.data.train), "task=classification needs data.train (JSONL/Parquet rows {text, label})")
+        need(isinstance(config.data.train, str) and (not config.data.validation or isinstance(config.data.validation, str)),
+             "task=classification reads one source each for data.train / data.validation (a path pattern or hf:/tfds: spec)")
+        need(not config.data.validation_fraction and not config.data.stages,
+             "task=classification takes its validation rows from data.validation; data.validation_fraction and "
+             "data.stages are for causal_lm")
+        need(not config.eval.task_file,
+             "eval.task_file (exact match of generated answers) does not apply to task=classification: a classifier "
+             "does not generate; its accuracy and F1 on data.validation are reported instead")
+        for key in ("z_loss", "loss_chunk"):  # terms of the language-model loss, which a classifier does not have
+            need(not config.train[key], f"train.{key}={config.train[key]} is a term of the language-model loss; "
+                                        "task=classification has its own loss over the pooled class logits (set it to 0)")
+
+    def model_options(self, config, pad_token_id):
+        # The pad id is the tokenizer's: the head pools the last token that is not it, and the data pad with it.
+        return {"labels": tuple(config.classification.labels), "pad_token_id": pad_token_id}
+
+    def lora_targets(self, model, targets):
+        return lora_targets(model) if targets == "all-linear" else targets
+
+    def trainable(self, predicate):
+        # The head starts random: it trains whole in LoRA runs (PEFT's modules_to_save) and in full FT.
+        return with_head(predicate)
+
+    def data(self, config, tokenizer) -> LabelledData:
+        return LabelledData(config, tokenizer)
+
+    def batch_spec(self, config, rows: int) -> dict:
+        shape = (rows, config.data.seq_len)
+        return {"input_ids": jax.ShapeDtypeStruct(shape, jnp.int32),
+                "attention_mask": jax.ShapeDtypeStruct(shape, jnp.int32),
+                "labels": jax.ShapeDtypeStruct((rows,), jnp.int32)}
+
+    def objective(self, config) -> SequenceCrossEntropy:
+        return SequenceCrossEntropy()
+
+    def eval_step(self, model_def, mesh, config):
+        """(params, frozen, batch) → pooled class logits [B, C], float32, replicated on every device
+        (so that every host reads all of them)."""
+
+        def eval_step(params, frozen, batch):
+            model = model_def.merge(params, frozen)
+            return model.classify(batch["input_ids"], attention_mask=batch["attention_mask"]).astype(jnp.float32)
+
+        return jax.jit(eval_step, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def evaluate(self, eval_step, params, frozen, data: LabelledData, mesh) -> dict | None:
+        """{"eval_loss", "accuracy", "f1"} over data.validation, in global batches of train.batch_size."""
+        rows = data.validation
+        if rows is None:
+            return None
+        count, size = len(rows["labels"]), data.batch_size
+        logits = []
+        for start in range(0, count, size):
+            take = np.minimum(np.arange(start, start + size), count - 1)  # the last batch repeats its last row
+            mine = data.host_rows(take)
+            batch = {k: rows[k][mine] for k in ("input_ids", "attention_mask")}
+            out = eval_step(params, frozen, sharding.global_batch(batch, mesh))  # [size, C] on every host
+            logits.append(np.asarray(jax.device_get(out))[:min(size, count - start)])
+        scores = scores_from_logits(np.concatenate(logits), rows["labels"])
+        return {k: scores[k] for k in ("eval_loss", "accuracy", "f1")}
+
+    def export_info(self) -> ExportInfo:
+        return ExportInfo(peft_task_type="SEQ_CLS", modules_to_save=(HEAD,))
+
+
+TASK = Classification()

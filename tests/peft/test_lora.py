@@ -22,6 +22,7 @@ from jaxft.peft import lora as lora_lib
 from jaxft.peft import LoraConfig, LoRAParam, apply_lora, is_lora_param, linear_modules, lora_params, merge_lora
 from jaxft.pretrained import flat_params
 from jaxft.testing import padded_batch, tiny_hf_model, torch_logits, train_batch
+from jaxft.tasks.causal_lm import NextTokenLoss
 
 peft = pytest.importorskip("peft")
 
@@ -343,7 +344,7 @@ def test_one_train_step_matches_peft(llama, variant):
     assert set(params) == set(lora_params(model)), "only the adapters train"
     cfg = optim.OptimConfig(name="adamw", learning_rate=lr, schedule="constant", weight_decay=wd, clip_norm=clip, eps=eps)
     optimizer = optim.make_optimizer(cfg, params, model_def.axes)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()))
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss()))
     state, metrics = train_step(step.init_state(params, frozen, optimizer), {k: jnp.asarray(v) for k, v in batch.items()})
 
     torch_peft.train()
@@ -391,7 +392,7 @@ def test_dora_with_dropout_trains_the_same_on_a_mesh(llama):
         model_def, params, frozen = step.split_model(model, is_lora_param, remat="full")
         optimizer = optim.make_optimizer(cfg, params, model_def.axes)
         state = step.init_state(params, frozen, optimizer)
-        train_step = step.make_train_step(model_def, optimizer, step.StepConfig(remat="full"))
+        train_step = step.make_train_step(model_def, optimizer, NextTokenLoss(), step.StepConfig(remat="full"))
         if mesh is None:
             compiled, place, context = jax.jit(train_step), lambda b: {k: jnp.asarray(v) for k, v in b.items()}, None
         else:

@@ -15,6 +15,7 @@ import transformers
 
 from jaxft import config as config_lib
 from jaxft import export, sharding, train
+from jaxft import run as run_lib
 from jaxft.demo import MODEL_DIR
 from jaxft.testing import demo_batch, torch_logits
 
@@ -41,10 +42,9 @@ def batch():
 
 def jaxft_logits(workdir):
     """Logits of the run's own model: quantized base + unmerged float32 adapters."""
-    run, _, _ = train.restore_run(workdir)
-    model = run.model_def.merge(run.state.params, run.state.frozen)
+    trained = run_lib.restore(workdir)
     ids, mask, _ = batch()
-    return np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))), run
+    return np.asarray(trained.model()(jnp.asarray(ids), attention_mask=jnp.asarray(mask))), trained
 
 
 def test_nf4_qlora_learns_the_demo_facts(nf4_run):
@@ -54,7 +54,7 @@ def test_nf4_qlora_learns_the_demo_facts(nf4_run):
           f"{seconds:.1f} s wall ({summary['seconds']:.1f} s in the loop)")
     assert after >= 0.95
     # Only the adapters train (and have optimizer moments); the NF4 base is frozen storage.
-    run, _, _ = train.restore_run(workdir)
+    run, _ = run_lib.restore_training(workdir)
     assert all(".adapter." in p for p in run.state.params)
     assert run.state.frozen["model.layers.self_attn.q_proj.weight.codes"].dtype == jnp.uint8
     moments = [x for x in jax.tree.leaves(run.state.opt_state) if x.ndim > 0]
@@ -104,11 +104,11 @@ def test_nf4_peft_export_is_for_the_original_base(nf4_run, tmp_path):
     assert adapter_config["base_model_name_or_path"] == MODEL_DIR
     assert "quantization_config" not in adapter_config
     # The adapters on the unquantized base, in jaxft and in PEFT, agree as in the plain LoRA export test.
-    run, _, _ = train.restore_run(workdir)
+    trained = run_lib.restore(workdir)
     dense_config = config_lib.from_plain(run_meta(workdir)["config"])
     dense_config.model.quantize = "none"
-    dense = train.build(dense_config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), MODEL_DIR)
-    model = dense.model_def.merge(run.state.params, dense.state.frozen)
+    dense = run_lib.restore(workdir, config=dense_config)  # the same adapters on the unquantized base
+    model = dense.model_def.merge(trained.params, dense.frozen)
     ids, mask, positions = batch()
     expected = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     base = transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
@@ -132,7 +132,7 @@ def test_int8_qlora_trains_and_exports(tmp_path):
     losses = [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl")) if '"loss"' in line]
     assert losses[-1] < losses[0]
     expected, run = jaxft_logits(workdir)
-    assert run.state.frozen["model.layers.mlp.down_proj.weight.codes"].dtype == jnp.int8
+    assert run.frozen["model.layers.mlp.down_proj.weight.codes"].dtype == jnp.int8
     export.export(workdir, str(tmp_path / "hf"), format="hf")
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids, mask, positions = batch()
@@ -146,10 +146,10 @@ def test_a_resumed_qlora_run_is_exact(tmp_path):
                  "--config.checkpoint.every=2", "--config.eval.task_file=None", "--config.lora.dropout=0.1"]
     workdir = str(tmp_path / "run")
     train.train(demo_config(workdir, *overrides))
-    straight, _, _ = train.restore_run(workdir)
+    straight = run_lib.restore(workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if killed right after the step-2 save
     assert train.train(demo_config(workdir, *overrides))["resumed_from"] == 2
-    resumed, step, _ = train.restore_run(workdir)
-    assert step == 4
-    for path, value in straight.state.params.items():
-        np.testing.assert_array_equal(np.asarray(resumed.state.params[path]), np.asarray(value), err_msg=path)
+    resumed = run_lib.restore(workdir)
+    assert resumed.step == 4
+    for path, value in straight.params.items():
+        np.testing.assert_array_equal(np.asarray(resumed.params[path]), np.asarray(value), err_msg=path)

@@ -67,7 +67,7 @@ def test_lora_classification_reaches_95_percent(tokenizer, tmp_path):
     cfg = optim.OptimConfig(learning_rate=3e-3, schedule="cosine", warmup_steps=10, total_steps=steps)
     optimizer = optim.make_optimizer(cfg, params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()), donate_argnums=0)
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, task.SequenceCrossEntropy()), donate_argnums=0)
     batches = task.batches(train, batch_size=32, seed=0)
     for _ in range(steps):
         state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in next(batches).items()})
@@ -80,12 +80,15 @@ def test_lora_classification_reaches_95_percent(tokenizer, tmp_path):
         np.testing.assert_array_equal(np.asarray(state.frozen[path]), value, err_msg=path)
 
 
-def test_encode_targets_the_pooled_token_and_names_bad_rows(tokenizer):
+def test_encode_pads_cuts_and_labels_rows_and_names_bad_ones(tokenizer):
+    from jaxft.models.classification import last_token_index
+
     data = task.encode([{"text": "bill0 w1", "label": "billing"}, {"text": "w2 " * 30, "label": 3}],
                        tokenizer, INTENTS, SEQ_LEN, tokenizer.pad_token_id)
     # [BOS] bill0 w1 → the head reads token 2; the long row is cut to SEQ_LEN and read at its end.
-    assert data["loss_mask"].argmax(1).tolist() == [2, SEQ_LEN - 1] and data["loss_mask"].sum() == 2
-    assert data["labels"].tolist() == [0, 3] and data["targets"][1, -1] == 3 and int(data["truncated"]) == 1
+    assert np.asarray(last_token_index(data["input_ids"], tokenizer.pad_token_id)).tolist() == [2, SEQ_LEN - 1]
+    assert data["labels"].tolist() == [0, 3] and int(data["truncated"]) == 1
+    assert sorted(data) == ["attention_mask", "input_ids", "labels", "truncated"]  # no LM targets: its own loss
     assert data["attention_mask"][0].tolist() == [1, 1, 1] + [0] * (SEQ_LEN - 3)
     with pytest.raises(DataError, match=r"row 1: label 'refund' is neither one of \['billing', .*\] nor an id in 0\.\.3"):
         task.encode([{"text": "w1", "label": 0}, {"text": "w1", "label": "refund"}], tokenizer, INTENTS, 8, 0)
@@ -119,7 +122,7 @@ def test_peft_export_loads_with_the_head(tmp_path):
     meta = {"config": {"lora": dict(rank=4, alpha=8, dropout=0.0, use_rslora=False, use_dora=False)},
             "base": {"path": folder}}
     os.makedirs(tmp_path / "adapter")  # export.export makes it; write_peft_adapter writes into it
-    write_peft_adapter(params, meta, str(tmp_path / "adapter"))
+    write_peft_adapter(params, meta, str(tmp_path / "adapter"), info=task.TASK.export_info())
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
         adapter_config = json.load(f)
     assert adapter_config["task_type"] == "SEQ_CLS" and adapter_config["modules_to_save"] == ["score"]
@@ -134,3 +137,34 @@ def test_peft_export_loads_with_the_head(tmp_path):
                               position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
     got = np.asarray(model_def.merge(params, frozen).classify(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     assert np.abs(got - expected).max() <= 1e-4, np.abs(got - expected).max()
+
+
+def test_loss_and_head_gradient_equal_transformers(tmp_path):
+    """SequenceCrossEntropy on a batch equals `*ForSequenceClassification(labels=...).loss` (fp32),
+    and so does the gradient of the head and of a decoder weight: the reference run, not a re-derivation."""
+    import torch
+
+    from jaxft.testing import tiny_hf_model
+
+    folder, torch_model = tiny_hf_model(tmp_path / "clf", "llama3_rope", task="classification", num_labels=3,
+                                        pad_token_id=0)
+    model = jaxft.from_pretrained(folder)
+    model_def, params, frozen = step.split_model(model)
+    ids = np.array([[5, 9, 3, 0, 0], [0, 0, 7, 8, 2], [4, 4, 6, 1, 3], [2, 7, 0, 0, 0]], np.int32)  # right and left pads
+    mask = (ids != 0).astype(np.int32)
+    labels = np.array([2, 0, 1, 2], np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "labels": jnp.asarray(labels)}
+    objective = task.SequenceCrossEntropy()
+    loss_fn = step.make_loss_fn(model_def, objective)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, objective.normalizer(batch),
+                                                                       None)
+    torch_model.zero_grad()
+    out = torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                      labels=torch.as_tensor(labels, dtype=torch.long))
+    out.loss.backward()
+    print(f"\n[classification loss] jaxft {float(loss):.6f} vs transformers {out.loss.item():.6f}")
+    assert abs(float(loss) - out.loss.item()) <= 1e-5
+    assert float(metrics["accuracy"]) == pytest.approx(float((out.logits.argmax(-1).numpy() == labels).mean()))
+    np.testing.assert_allclose(np.asarray(grads["score.weight"]), torch_model.score.weight.grad.numpy(), atol=1e-5)
+    layer0 = torch_model.model.layers[0].mlp.down_proj.weight.grad.numpy()
+    np.testing.assert_allclose(np.asarray(grads["model.layers.mlp.down_proj.weight"][0]), layer0, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxft import cli
 from jaxft import config as config_lib
+from jaxft import run as run_lib
 from jaxft import train
 from jaxft.data import DataError
 from jaxft.demo import MODEL_DIR
@@ -50,8 +51,7 @@ def test_cli_eval_of_the_run_gives_the_reported_scores(run_dir, capsys):
 
 
 def _jaxft_logits(workdir, ids, mask):
-    run, _, _ = train.restore_run(str(workdir))
-    model = run.model_def.merge(run.state.params, run.state.frozen)
+    model = run_lib.restore(str(workdir)).model()
     return np.asarray(model.classify(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
 
 

@@ -8,6 +8,7 @@ import pytest
 import jaxft
 from jaxft import checkpoint, optim, step
 from jaxft.testing import train_batch
+from jaxft.tasks.causal_lm import NextTokenLoss
 
 
 def test_keeps_the_latest_k_plus_the_best_by_eval_loss(tmp_path):
@@ -41,7 +42,7 @@ def test_every_optimizer_lowers_the_loss(name):
     cfg = optim.OptimConfig(name=name, learning_rate=lr, schedule="constant", weight_decay=0.01, momentum=0.9)
     optimizer = optim.make_optimizer(cfg, params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()))
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss()))
     batch = {k: jnp.asarray(v) for k, v in train_batch(64, batch=4, seed=3).items()}
     losses = []
     for _ in range(15):

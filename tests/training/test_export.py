@@ -11,6 +11,7 @@ import transformers
 
 from jaxft import config as config_lib
 from jaxft import export, hf, train
+from jaxft import run as run_lib
 from jaxft.demo import MODEL_DIR
 from jaxft.testing import demo_batch, torch_logits
 
@@ -24,8 +25,9 @@ def trained(workdir, *overrides):
                                     "--config.train.warmup_steps=0", "--config.train.learning_rate=0.05",
                                     "--config.checkpoint.async_save=False", *overrides])
     train.train(config)
-    run, _, _ = train.restore_run(str(workdir))
-    return run.model_def.merge(run.state.params, run.state.frozen)
+    # The whole train state, as a resumed run holds it: not the path the exports take (run.restore).
+    training, _ = run_lib.restore_training(str(workdir))
+    return training.model_def.merge(training.state.params, training.state.frozen)
 
 
 def batch():
@@ -73,6 +75,35 @@ def test_exports_match_the_trained_model(tmp_path, kind):
     base_logits = torch_logits(transformers.AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval(),
                                ids, mask, positions)
     assert np.abs(base_logits - expected)[valid].max() > 1e-2
+
+
+def test_export_builds_no_optimizer_state_and_reads_no_weight_twice(tmp_path, monkeypatch):
+    """A full fine-tuning export restores only the checkpoint's params (no optimizer, no Adam
+    moments restored) and reads none of the base weights that those params replace."""
+    from jaxft import optim, pretrained, step
+
+    model = trained(tmp_path / "run", "--config.lora.rank=0")
+    trained(tmp_path / "lora")
+    ids, mask, positions = batch()
+    expected = jax_logits(model, ids, mask)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export built training state")
+
+    for module, name in ((step, "init_state"), (optim, "make_optimizer"), (step, "make_train_step")):
+        monkeypatch.setattr(module, name, refuse)
+    base_reads = []
+    real_load = pretrained._load_param
+    monkeypatch.setattr(pretrained, "_load_param", lambda checkpoint, rule, *a: base_reads.append(rule.param) or
+                        real_load(checkpoint, rule, *a))
+    export.export(str(tmp_path / "run"), str(tmp_path / "hf"), format="hf")
+    assert base_reads == []  # every param of a full fine-tuning run comes from its checkpoint
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert np.abs(torch_logits(merged, ids, mask, positions) - expected)[mask.astype(bool)].max() <= 1e-4
+
+    base_reads.clear()  # a LoRA run's frozen base is read from the base folder, once
+    run_lib.restore(str(tmp_path / "lora"))
+    assert "model.embed_tokens.weight" in base_reads and len(base_reads) == len(set(base_reads))
 
 
 @pytest.mark.parametrize("variant", [[], ["--config.lora.use_dora=True", "--config.lora.use_rslora=True"]],

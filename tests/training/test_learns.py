@@ -8,6 +8,7 @@ import numpy as np
 
 import jaxft
 from jaxft import optim, step
+from jaxft.tasks.causal_lm import NextTokenLoss
 
 VOCAB, BOS, SEP, EOS, PAD = 96, 1, 2, 3, 0
 HF_CONFIG = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256,
@@ -44,7 +45,7 @@ def train(model, trainable, learning_rate: float, steps: int, facts_seed: int = 
                             total_steps=steps, weight_decay=0.0, clip_norm=1.0)
     optimizer = optim.make_optimizer(cfg, params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()), donate_argnums=0)
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss()), donate_argnums=0)
     device_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     for _ in range(steps):
         state, metrics = train_step(state, device_batch)

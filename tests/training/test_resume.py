@@ -16,6 +16,7 @@ import pytest
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
+from jaxft import run as run_lib
 from jaxft import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,8 +70,8 @@ def straight(tmp_path_factory):
 
 
 def final_params(workdir):
-    run, step_index, _ = train.restore_run(str(workdir))
-    return step_index, jax.device_get(run.state.params)
+    trained = run_lib.restore(str(workdir))
+    return trained.step, jax.device_get(trained.params)
 
 
 def test_sigterm_then_restart_repeats_the_same_losses(straight, tmp_path):
@@ -139,9 +140,9 @@ def test_checkpoint_from_8_devices_restores_on_1_and_on_data2_tensor4(tmp_path):
                                     "--config.train.warmup_steps=0",
                                     "--config.mesh.shape={'fsdp': 8}", "--config.checkpoint.async_save=False"])
     train.train(config)
-    runs = {"one device": train.restore_run(str(tmp_path))[0],
-            "data2 x tensor4": train.restore_run(str(tmp_path), mesh=sharding.make_mesh({"data": 2, "tensor": 4}))[0],
-            "fsdp8": train.restore_run(str(tmp_path), mesh=sharding.make_mesh({"fsdp": 8}))[0]}
+    runs = {"one device": run_lib.restore_training(str(tmp_path))[0],
+            "data2 x tensor4": run_lib.restore_training(str(tmp_path), mesh=sharding.make_mesh({"data": 2, "tensor": 4}))[0],
+            "fsdp8": run_lib.restore_training(str(tmp_path), mesh=sharding.make_mesh({"fsdp": 8}))[0]}
     reference = jax.device_get(runs["fsdp8"].state.params)
     for name, run in runs.items():
         some = run.state.params["model.layers.mlp.gate_proj.weight"]
@@ -159,7 +160,7 @@ def test_resume_with_other_data_settings_is_refused(tmp_path):
     changed = config_lib.load(DEMO, [f"--config.workdir={tmp_path}", "--config.train.steps=4", "--config.data.seq_len=32",
                                      "--config.train.warmup_steps=0",
                                      "--config.train.batch_size=16"])
-    with pytest.raises(train.ResumeMismatchError, match=r"data\.seq_len: 64 → 32\n  train\.batch_size: 8 → 16"):
+    with pytest.raises(run_lib.ResumeMismatchError, match=r"data\.seq_len: 64 → 32\n  train\.batch_size: 8 → 16"):
         train.train(changed)
     allowed = config_lib.load(DEMO, [f"--config.workdir={tmp_path}", "--config.train.steps=4", "--config.data.seq_len=32",
                                      "--config.train.warmup_steps=0",
@@ -180,7 +181,7 @@ def test_non_finite_loss_aborts_naming_the_step_or_is_skipped(tmp_path):
     assert train.train(config)["step"] == 4
     rows = [json.loads(line) for line in open(tmp_path / "skip" / "metrics.jsonl") if '"loss"' in line]
     assert rows[0]["finite"] and not any(r["finite"] for r in rows[1:])
-    after_1 = jax.device_get(train.restore_run(str(tmp_path / "skip"), 1)[0].state.params)
-    after_4 = jax.device_get(train.restore_run(str(tmp_path / "skip"), 4)[0].state.params)
+    after_1 = jax.device_get(run_lib.restore(str(tmp_path / "skip"), 1).params)
+    after_4 = jax.device_get(run_lib.restore(str(tmp_path / "skip"), 4).params)
     for path in after_1:
         np.testing.assert_array_equal(after_1[path], after_4[path], err_msg=path)

@@ -8,6 +8,7 @@ import torch
 import jaxft
 from jaxft import optim, step
 from jaxft.testing import train_batch
+from jaxft.tasks.causal_lm import NextTokenLoss
 
 
 def hf_key(path: str, layer: int | None) -> str:
@@ -53,7 +54,7 @@ def test_adamw_step_matches_torch(tiny_llama):
                               eps=eps)
     optimizer = optim.make_optimizer(cfg, params, model_def.axes)
     state = step.init_state(params, frozen, optimizer)
-    train_step = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig()))
+    train_step = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss()))
     state, metrics = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
 
     # PyTorch: the same loss, clipping and AdamW, with decay off for norms (1-D) as jaxft does.

@@ -8,6 +8,7 @@ import pytest
 
 import jaxft
 from jaxft import optim, sharding, step
+from jaxft.tasks.causal_lm import NextTokenLoss
 from jaxft.testing import train_batch
 
 CFG = optim.OptimConfig(name="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=1, total_steps=10,
@@ -20,7 +21,7 @@ def run(folder, batches, mesh_shape=None, grad_accum=1, trainable=lambda p, v: T
     model_def, params, frozen = step.split_model(model, trainable)
     optimizer = optim.make_optimizer(CFG, params, model_def.axes, frozen_layers=frozen_layers)
     state = step.init_state(params, frozen, optimizer)
-    train_step = step.make_train_step(model_def, optimizer, step.StepConfig(grad_accum=grad_accum))
+    train_step = step.make_train_step(model_def, optimizer, NextTokenLoss(), step.StepConfig(grad_accum=grad_accum))
     if mesh is None:
         compiled = jax.jit(train_step, donate_argnums=0)
         place = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
@@ -119,7 +120,7 @@ def test_train_step_program_does_not_grow_with_depth():
         optimizer = optim.make_optimizer(CFG, params, model_def.axes)
         state = step.init_state(params, frozen, optimizer)
         data = {k: jnp.asarray(v) for k, v in batch_of(128, batch=2).items()}
-        text = jax.jit(step.make_train_step(model_def, optimizer, step.StepConfig(remat="full"))).lower(state, data).as_text()
+        text = jax.jit(step.make_train_step(model_def, optimizer, NextTokenLoss(), step.StepConfig(remat="full"))).lower(state, data).as_text()
         sizes[layers] = text.count("\n")  # one op per line
     assert sizes[16] == sizes[2], sizes
 
@@ -132,11 +133,11 @@ def test_chunked_loss_equals_the_full_loss(tiny_llama):
     num = batch["loss_mask"].sum()
     results = {}
     for chunk in (0, 4):
-        loss_fn = step.make_loss_fn(model_def, step.StepConfig(loss_chunk=chunk, z_loss=1e-3))
+        loss_fn = step.make_loss_fn(model_def, NextTokenLoss(chunk=chunk, z_loss=1e-3))
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, num, None)
         results[chunk] = (loss, grads)
     np.testing.assert_allclose(results[4][0], results[0][0], rtol=1e-6)
     for path in params:
         np.testing.assert_allclose(results[4][1][path], results[0][1][path], atol=1e-6, err_msg=path)
-    with pytest.raises(ValueError, match="loss_chunk=5 does not divide data.seq_len=12"):
-        step.make_loss_fn(model_def, step.StepConfig(loss_chunk=5))(params, frozen, batch, num, None)
+    with pytest.raises(ValueError, match="loss chunk 5 does not divide the sequence length 12"):
+        step.make_loss_fn(model_def, NextTokenLoss(chunk=5))(params, frozen, batch, num, None)

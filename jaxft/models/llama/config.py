@@ -42,10 +42,7 @@ class LlamaConfig(hf_config.Dimensions):
     # Kept only to write them back on export.
     token_ids: tuple[tuple[str, Any], ...] = ()
 
-    def __post_init__(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+    def __post_init__(self):  # head divisibility is the decoder's rule: DecoderSpec checks it
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
         if len(self.sliding_windows) != self.num_hidden_layers:

@@ -1,0 +1,128 @@
+"""The Task protocol: what one objective owns, and all that train, plan, eval and export ask of it.
+
+    class Parity(Task):                       # a whole new objective (tests/tasks/test_plugin_task.py)
+        name, section = "parity", "parity"
+        def defaults(self): ...               # its config section: config.parity.*
+        def data(self, config, tokenizer): ...
+        def batch_spec(self, config, rows): ...
+        def objective(self, config): ...      # normalizer(batch) and loss(model, batch, normalizer)
+        def eval_step(self, model_def, mesh, config): ...
+        def evaluate(self, eval_step, params, frozen, data, mesh): ...
+    jaxft.tasks.register(Parity())
+    jaxft.train.train(config)                 # config.task = "parity"
+
+A Task is stateless: one instance serves every run. Its hooks, in the order a run calls them:
+  validate(config)                  its config section and the shared keys it depends on
+  model_options(config, pad_id)     from_pretrained's extra arguments (a classification head)
+  attach(model, config)             what it adds to the loaded model (a frozen reference, a teacher)
+  lora_targets(model, targets)      the adapter targets it needs ("all-linear" minus its head)
+  trainable(predicate)              params it trains besides the adapters (its head, whole)
+  data(config, tokenizer)           train iterator (get_state/set_state for exact resume) + validation
+  batch_spec(config, rows)          the shapes of a train batch (for the memory plan and compiling)
+  objective(config)                 the loss, see jaxft.step.Objective
+  eval_step / evaluate              one validation pass → {"eval_loss", ...its metrics}
+  resume_keys                       config keys whose change makes a resume a different run
+  export_info()                     what a PEFT export says besides the weights
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+class TrainIterator(Protocol):
+    """Endless host-local batches with a JSON-able position (see jaxft.data.BatchIterator)."""
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+class TaskData(Protocol):
+    def train_iterator(self) -> TrainIterator: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+    """What an adapter export says besides the weights: PEFT's task_type, and the modules that
+    train whole beside the adapters (PEFT's modules_to_save, written as they are)."""
+
+    peft_task_type: str = "CAUSAL_LM"
+    modules_to_save: tuple[str, ...] = ()
+
+
+class Task:
+    """An objective. Subclasses set `name` (the config.task value) and implement the hooks that
+    raise NotImplementedError; the others have the defaults of an objective that adds nothing."""
+
+    name: str = ""
+    section: str | None = None  # its config section (config.<section>.*), if it has settings
+    resume_keys: tuple[str, ...] = ()  # beyond jaxft.checkpoint.RESUME_SENSITIVE_KEYS
+
+    # ---- config ---------------------------------------------------------------------------------
+    def defaults(self):
+        """The ConfigDict of its section, for an objective defined outside jaxft (a plug-in).
+        Built-in objectives declare theirs in jaxft/config.py, where every key is listed."""
+        return None
+
+    def validate(self, config) -> None:
+        """Raises ValueError naming the config key when its settings cannot work (before anything loads)."""
+
+    # ---- model ----------------------------------------------------------------------------------
+    def model_options(self, config, pad_token_id: int | None) -> dict[str, Any]:
+        return {}
+
+    def attach(self, model, config):
+        return model
+
+    def lora_targets(self, model, targets):
+        return targets
+
+    def trainable(self, predicate: Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
+        return predicate
+
+    # ---- data -----------------------------------------------------------------------------------
+    def data(self, config, tokenizer) -> TaskData:
+        raise NotImplementedError
+
+    def batch_spec(self, config, rows: int) -> dict[str, Any]:
+        """{key: jax.ShapeDtypeStruct} of a train batch of `rows` rows, as data() yields them."""
+        raise NotImplementedError
+
+    def num_tokens(self, batch: dict[str, np.ndarray]) -> int:
+        """Tokens in a host batch, for tokens/s and MFU."""
+        return int(np.sum(batch["attention_mask"]))
+
+    # ---- training -------------------------------------------------------------------------------
+    def objective(self, config):
+        """A jaxft.step.Objective: `normalizer(batch)` over the whole batch, and `loss(model,
+        micro_batch, normalizer) -> (loss, metrics)`, both additive over micro-batches."""
+        raise NotImplementedError
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def eval_step(self, model_def, mesh, config) -> Callable:
+        """A jitted (params, frozen, global batch) -> outputs that `evaluate` reduces."""
+        raise NotImplementedError
+
+    def evaluate(self, eval_step, params, frozen, data, mesh) -> dict[str, float] | None:
+        """One pass over the validation data: {"eval_loss", ...}, or None without validation data."""
+        raise NotImplementedError
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export_info(self) -> ExportInfo:
+        return ExportInfo()
+
+
+def need(ok: bool, message: str) -> None:
+    """validate()'s assertion: a ValueError with the message when `ok` is false."""
+    if not ok:
+        raise ValueError(message)
