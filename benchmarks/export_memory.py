@@ -42,6 +42,14 @@ def peak_rss(command: list[str], cwd: str) -> tuple[int, float]:
     return kib * (1 if sys.platform == "darwin" else 1024), time.perf_counter() - start
 
 
+def _commit(tree: str) -> str:
+    """The checkout's commit, with "+changes" when its working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=tree, capture_output=True,
+                           text=True).stdout.strip()
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
@@ -68,13 +76,14 @@ def main() -> None:
                                for f in fs)
         runtime, _ = peak_rss([sys.executable, "-c", "import jax, jax.numpy as jnp; jnp.ones(1).block_until_ready()"],
                               ROOT)
-        exports = {}
+        exports = []
         for tree in [ROOT, *args.compare]:
             out = os.path.join(tmp, f"export-{len(exports)}")
             peak, seconds = peak_rss([sys.executable, "-m", "jaxft.cli", "export", "--workdir", run, "--out", out,
                                       "--format", "hf"], os.path.abspath(tree))
-            exports[os.path.abspath(tree)] = {"peak_rss_bytes": peak, "seconds": seconds,
-                                              "peak_rss_over_params": peak / info["checkpoint_bytes"]}
+            exports.append({"jaxft": "this checkout" if tree == ROOT else "compared", "commit": _commit(tree),
+                            "peak_rss_bytes": peak, "seconds": seconds,
+                            "peak_rss_over_params": peak / info["checkpoint_bytes"]})
             shutil.rmtree(out)
     import jax
 

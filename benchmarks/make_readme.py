@@ -20,6 +20,7 @@ Scripts print one JSON object each; results are committed under `results/` as
 |---|---|
 | `load.py` | checkpoint load GB/s vs a raw read; peak host RSS |
 | `checkpoint.py` | orbax save/restore time of a full-FT state; HF export peak host RSS |
+| `export_memory.py` | peak RSS of `jaxft export` of a full-FT run (params + AdamW moments saved), per checkout |
 | `train_compile.py` | train-step compile time vs depth (scanned layers); steps/s |
 | `train_throughput.py` | tokens/s, MFU, peak device memory, compile time of one train step |
 | `hf_peft_baseline.py` | the same step in transformers + PEFT (torch, sdpa) |
@@ -40,6 +41,10 @@ def summarize(name: str, r: dict) -> str:
         return (f"{r['state_bytes'] / 1e9:.2f} GB state: save {r['save_seconds']:.1f} s (blocking "
                 f"{r['save_blocking_seconds']:.2f} s), restore {r['restore_seconds']:.1f} s; export overhead "
                 f"{r['export_overhead_vs_largest_tensor']:.2f}× largest tensor")
+    if kind == "export_memory":
+        runs = ", ".join(f"{x['commit']} {x['peak_rss_bytes'] / 1e9:.2f} GB ({x['peak_rss_over_params']:.2f}× params)"
+                         for x in r["exports"])
+        return f"{r['checkpoint_bytes'] / 1e9:.2f} GB params, full FT: export peak RSS {runs}"
     if kind == "train_compile":
         runs = ", ".join(f"{x['num_layers']} layers {x['compile_seconds']:.1f} s" for x in r["runs"])
         return f"compile {runs} (ratio {r['compile_ratio_deepest_vs_shallowest']:.2f})"

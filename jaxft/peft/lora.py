@@ -184,14 +184,20 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
                               use_dora=config.use_dora, dtype=dtype, salt=salt,
                               key=jax.random.fold_in(root, _stable_hash(salt)))
 
-    if config.base_dtype is not None:
-        # After the adapters, so DoRA's magnitudes are measured on the full-precision weights.
-        base_dtype = _DTYPES[config.base_dtype]
-        for _, variable in nnx.iter_graph(model):
-            # Quantized storage keeps its float32 scales: they are part of an exact format.
-            if (isinstance(variable, nnx.Param) and not isinstance(variable, (LoRAParam, QuantParam))
-                    and jnp.issubdtype(variable.dtype, jnp.floating)):
-                variable.set_value(variable[...].astype(base_dtype))
+    if config.base_dtype is not None:  # after the adapters, so DoRA's magnitudes are of the full-precision weights
+        cast_base(model, config.base_dtype)
+    return model
+
+
+def cast_base(model: nnx.Module, dtype: str) -> nnx.Module:
+    """Casts every floating base param (not the adapters, not quantized storage, whose float32
+    scales are part of an exact format) to `dtype`, in place. Cast after apply_lora: DoRA measures
+    its magnitudes on the weights as they are when it is applied."""
+    target = _DTYPES[dtype]
+    for _, variable in nnx.iter_graph(model):
+        if (isinstance(variable, nnx.Param) and not isinstance(variable, (LoRAParam, QuantParam))
+                and jnp.issubdtype(variable.dtype, jnp.floating)):
+            variable.set_value(variable[...].astype(target))
     return model
 
 
@@ -231,5 +237,5 @@ def lora_params(model: nnx.Module) -> dict[str, jax.Array]:
             for path, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
 
 
-__all__ = ["LoRAParam", "LoraConfig", "LoRA", "apply_lora", "merge_lora", "is_lora_param", "lora_params",
+__all__ = ["LoRAParam", "LoraConfig", "LoRA", "apply_lora", "cast_base", "merge_lora", "is_lora_param", "lora_params",
            "linear_modules", "ALL_LINEAR", "DEFAULT_TARGETS"]
