@@ -29,7 +29,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "workdir"  # metrics.jsonl, checkpoints/, exports of this run
     c.task = "causal_lm"  # the objective (jaxft.tasks): causal_lm (next-token loss) | classification (a head on
-    # the last non-pad token) | a registered plug-in; each has its own section below (classification.*)
+    # the last non-pad token) | dpo (preference tuning) | reward (a reward model) | a registered plug-in; each has
+    # its own section below (classification.*, dpo.*, reward.*)
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # HF folder or hub id of the base model
@@ -72,11 +73,29 @@ def default_config() -> ml_collections.ConfigDict:
     c.classification.text_field = "text"
     c.classification.label_field = "label"
 
+    # task=dpo: preference pairs (data.format="preference": {prompt, chosen, rejected}, TRL's standard or
+    # conversational rows); the reference is the base with adapters off (LoRA/DoRA/QLoRA: no copy), a frozen
+    # copy (full fine-tuning), or log-probs computed once before training (precompute_reference).
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.loss_type = "sigmoid"  # sigmoid (DPO) | ipo | hinge | simpo | orpo (the last two: no reference)
+    c.dpo.beta = 0.1  # the inverse temperature (IPO's τ; ORPO's weight λ of the odds-ratio term)
+    c.dpo.label_smoothing = 0.0  # sigmoid / simpo: the assumed share of flipped labels (conservative DPO)
+    c.dpo.simpo_gamma = 0.5  # simpo: the target reward margin γ
+    c.dpo.max_prompt_length = 0  # a too-long pair's prompt is cut to this many tokens first (0: data.seq_len // 2)
+    c.dpo.precompute_reference = False  # reference log-probs in one pass before training (stored in the workdir)
+
+    # task=reward: a reward model (the classification head with one output) trained with the Bradley-Terry
+    # loss -log σ(r_chosen - r_rejected [- margin]) on the same preference pairs (data.margin_field: margins).
+    c.reward = ml_collections.ConfigDict()
+    c.reward.center_rewards_coefficient = 0.0  # + coefficient × mean((r_chosen + r_rejected)²) (TRL's)
+    c.reward.max_prompt_length = 0  # as dpo.max_prompt_length
+
     c.eval = ml_collections.ConfigDict()
     c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
     c.eval.max_new_tokens = 16  # generation budget per task answer
     c.eval.patience = 0  # early stopping: evaluations without eval-loss improvement (0 = off)
     c.eval.samples = 8  # generations shown in the report
+    c.eval.at_start = False  # also evaluate before the first step (the report then shows before / after)
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning

@@ -52,3 +52,36 @@ def chunked_cross_entropy_sums(model, hidden, targets, loss_mask, z_loss: float,
     (nll, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
                                (split(hidden), split(targets), split(loss_mask)))
     return nll, z
+
+
+def token_log_probs(logits, targets):
+    """log p(target) per token [N, T], in float32 whatever the logits' dtype."""
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def masked_log_prob_sums(model, batch, masks, chunk: int = 0):
+    """Per row, Σ_t mask[t] · log p(targets[t]) for each mask in `masks` ([N, T] each): a tuple of
+    [N] sums from one forward pass. With `chunk`, over sequence chunks of that many tokens, so no
+    [N, T, V] logits are held (as chunked_cross_entropy_sums)."""
+    masks = tuple(m.astype(jnp.float32) for m in masks)
+    targets = batch["targets"]
+    if not chunk:
+        log_probs = token_log_probs(forward(model, batch), targets)  # [N, T]
+        return tuple((log_probs * m).sum(-1) for m in masks)
+    hidden = hidden_states(model, batch)
+    rows, length, _ = hidden.shape
+    if length % chunk:
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}")
+    split = lambda x: x.reshape(rows, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+
+    @jax.checkpoint
+    def one_chunk(sums, xs):
+        h, t, *ms = xs
+        log_probs = token_log_probs(model.logits(h), t)
+        return tuple(s + (log_probs * m).sum(-1) for s, m in zip(sums, ms)), None
+
+    zeros = tuple(jnp.zeros((rows,), jnp.float32) for _ in masks)
+    sums, _ = jax.lax.scan(one_chunk, zeros, (split(hidden), split(targets), *map(split, masks)))
+    return sums

@@ -52,7 +52,9 @@ def write_report(workdir: str, summary: dict) -> str:
             ("first / last train loss", f"{train_rows[0]['loss']:.4f} / {train_rows[-1]['loss']:.4f}" if train_rows else "-"),
             ("final eval loss", f"{eval_rows[-1]['eval_loss']:.4f}" if eval_rows else "-"),
             *([("final accuracy / macro-F1", f"{eval_rows[-1]['accuracy']:.1%} / {eval_rows[-1]['f1']:.3f}")]
-              if eval_rows and "accuracy" in eval_rows[-1] else []),  # task=classification
+              if eval_rows and "f1" in eval_rows[-1] else []),  # task=classification
+            *([("final " + key, f"{eval_rows[-1][key]:.1%}") for key in ("accuracy", "eval_rewards/accuracies")
+               if eval_rows and key in eval_rows[-1] and "f1" not in eval_rows[-1]]),  # task=reward, task=dpo
             ("wall time", f"{summary.get('seconds', 0):.1f} s"), ("model", summary.get("model", "-"))]
     parts = ["<!doctype html><meta charset='utf-8'><title>jaxft report</title>",
              "<style>body{font-family:sans-serif;max-width:900px;margin:2em auto}td,th{padding:4px 10px;"
@@ -77,7 +79,44 @@ def write_report(workdir: str, summary: dict) -> str:
             parts.append(f"<tr><td>{e(sample['prompt'])}</td><td>{e(sample['answer'])}</td>"
                          f"<td>{e(before_samples.get(sample['prompt'], ''))}</td><td class='{ok}'>{e(after_output)}</td></tr>")
         parts.append("</table>")
+    parts += _eval_before_after(summary.get("eval_before"), summary.get("eval"))
+    parts += _examples(summary.get("examples") or {})
     path = os.path.join(workdir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
+
+
+def _eval_before_after(before: dict | None, after: dict | None) -> list[str]:
+    """The task's eval metrics before (eval.at_start) and after training, side by side."""
+    if not before:
+        return []
+    e = html.escape
+    parts = ["<h2>Evaluation before / after training</h2><table><tr><th>metric</th><th>before</th><th>after</th></tr>"]
+    for key, value in before.items():
+        later = (after or {}).get(key)
+        parts.append(f"<tr><th>{e(key)}</th><td>{value:.4f}</td><td>{'' if later is None else f'{later:.4f}'}</td></tr>")
+    return parts + ["</table>"]
+
+
+def _examples(examples: dict) -> list[str]:
+    """The task's examples (Task.examples), before and after training: one row each, the numbers
+    of both runs side by side."""
+    rows_before, rows_after = examples.get("before") or [], examples.get("after") or []
+    rows = rows_after or rows_before
+    if not rows:
+        return []
+    e = html.escape
+    texts = [k for k, v in rows[0].items() if isinstance(v, str)]
+    numbers = [k for k, v in rows[0].items() if not isinstance(v, str)]
+    header = "".join(f"<th>{e(k)}</th>" for k in texts)
+    header += "".join(f"<th>{e(k)} before</th><th>{e(k)} after</th>" for k in numbers)
+    parts = [f"<h2>Examples</h2><table><tr>{header}</tr>"]
+    for i, row in enumerate(rows):
+        before = rows_before[i] if i < len(rows_before) else {}
+        after = rows_after[i] if i < len(rows_after) else {}
+        cells = "".join(f"<td>{e(row[k])}</td>" for k in texts)
+        for k in numbers:
+            cells += "".join(f"<td>{'' if k not in side else f'{side[k]:.3f}'}</td>" for side in (before, after))
+        parts.append(f"<tr>{cells}</tr>")
+    return parts + ["</table>"]

@@ -44,12 +44,12 @@ def load_model(config, task: Task, source_path: str, mesh, pad_token_id: int | N
                            quantize=config.model.quantize, skip=skip, **task.model_options(config, pad_token_id))
 
 
-def prepare_model(model, config, task: Task):
+def prepare_model(model, config, task: Task, training: bool = True):
     """Every change a run makes to a loaded (or shapes-only) model, in the one order that works;
     returns (model, the predicate of the params that train). Callers never order these themselves:
     1. quantize the base (model.quantize): before any adapter, since DoRA's magnitudes and the merge
        are of the base as stored; a no-op where from_pretrained quantized while loading;
-    2. the task's additions (Task.attach: a frozen reference, a teacher);
+    2. the task's additions (Task.attach: a head; when `training`, a frozen reference, a teacher);
     3. adapters (lora.*) on the targets the task asks for, or else full fine-tuning minus
        train.freeze patterns; the task's own trainable parts (a head) on top;
     4. the attention implementation (model.attention): static graph data, so before the split.
@@ -57,7 +57,7 @@ def prepare_model(model, config, task: Task):
     """
     if config.model.quantize != "none":
         quant.quantize_model(model, config.model.quantize)
-    model = task.attach(model, config)
+    model = task.attach(model, config, training)
     if config.lora.rank:
         targets = config.lora.targets if isinstance(config.lora.targets, str) else tuple(config.lora.targets)
         lora.apply_lora(model, config_lib.lora_settings(config, task.lora_targets(model, targets)),
@@ -273,7 +273,7 @@ def restore(workdir: str, step_index: int | None = None, mesh=None, config=None)
         mesh = mesh or sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
         saved = set(meta["trainable"])
         model = load_model(config, task, base, mesh, AutoTokenizer.from_pretrained(base).pad_token_id, skip=saved)
-        model, trainable = prepare_model(model, config, task)
+        model, trainable = prepare_model(model, config, task, training=False)
         model_def, params, frozen = step.split_model(model, trainable)
         if set(params) != saved:
             raise ResumeMismatchError(f"{workdir}: the checkpoint's trainable params differ from what its config "

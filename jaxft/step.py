@@ -99,7 +99,8 @@ class Objective(Protocol):
     """What the step needs of an objective (each jaxft.tasks Task builds one).
 
     normalizer(batch): the count the loss is averaged over, for the WHOLE batch (tokens with a
-    target, rows, pairs, ...), computed before the batch is split into micro-batches.
+    target, rows, pairs, ...), computed before the batch is split into micro-batches; a dict of
+    counts when terms average over different things (ORPO: pairs, and chosen tokens).
     loss(model, micro_batch, normalizer) -> (loss, metrics): the loss summed over this micro-batch
     and divided by that whole-batch count; metrics likewise (sums / normalizer), so that summing
     over micro-batches gives the batch's values and k micro-batches of b rows equal one batch of k·b.
@@ -129,7 +130,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
     grad_fn = jax.value_and_grad(make_loss_fn(model_def, objective), has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        normalizer = jnp.maximum(jnp.asarray(objective.normalizer(batch), jnp.float32), 1.0)
+        normalizer = jax.tree.map(lambda n: jnp.maximum(jnp.asarray(n, jnp.float32), 1.0), objective.normalizer(batch))
         key = jax.random.wrap_key_data(state.rng)
         step_key, next_key = jax.random.split(jax.random.fold_in(key, state.step))
         if cfg.grad_accum == 1:

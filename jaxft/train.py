@@ -59,6 +59,7 @@ def train(config) -> dict[str, Any]:
     task = tasks.get(config.task)
     data = task.data(config, tokenizer)  # read and checked before the model loads or anything compiles
     training = run_lib.build_training(config, mesh, source.path, tokenizer)
+    task.before_training(training, data, mesh, workdir)  # at the initial state (e.g. DPO's precomputed reference)
     state = training.state
     meta = run_lib.run_meta(config, source, state.params)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -79,6 +80,14 @@ def train(config) -> dict[str, Any]:
     if questions and start_step == 0:
         report["task"] = {"before": _exact_match(training, state, tokenizer, questions, config)}
         writer.eval(0, {"task_exact_match": report["task"]["before"]["exact_match"]})
+    if config.eval.at_start and start_step == 0:
+        with sharding.activate(mesh):
+            scores = task.evaluate(training.eval_step, state.params, state.frozen, data, mesh)
+            report["examples"] = {"before": task.examples(training.eval_step, state.params, state.frozen, data, mesh,
+                                                          config.eval.samples)}
+        if scores is not None:
+            report["eval_before"] = scores
+            writer.eval(0, scores)
 
     # ---- loop -----------------------------------------------------------------------------------
     stop = _StopRequest()
@@ -127,6 +136,11 @@ def train(config) -> dict[str, Any]:
     finished = step_index == config.train.steps or report.get("stopped_because", "").startswith("no eval")
     if questions and finished:
         report.setdefault("task", {})["after"] = _exact_match(training, state, tokenizer, questions, config)
+    if finished and config.eval.samples:
+        with sharding.activate(mesh):
+            after = task.examples(training.eval_step, state.params, state.frozen, data, mesh, config.eval.samples)
+        if after:
+            report.setdefault("examples", {})["after"] = after
     report.update({"step": step_index, "stopped_early": step_index < config.train.steps, "eval_loss": last_eval,
                    "workdir": workdir, "seconds": time.perf_counter() - started, "data": batches.stats()})
     if jax.process_index() == 0:

@@ -24,9 +24,9 @@ from typing import Any
 
 from jaxft.data.errors import DataError
 
-FORMATS = ("text", "prompt_completion", "chat")
+FORMATS = ("text", "prompt_completion", "chat", "preference")  # preference: task=dpo / reward (data.preference)
 FIELD_KEYS = ("text_field", "prompt_field", "completion_field", "messages_field", "role_field",
-                            "content_field")
+                            "content_field", "chosen_field", "rejected_field")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,7 @@ class DataDefaults:
     train: Any = None                  # source spec, or a list of them (see module docstring)
     validation: Any = None             # its own source spec(s); or use validation_fraction
     validation_fraction: float = 0.0   # hold out this fraction of each training source's rows
-    format: str = "text"               # text | prompt_completion | chat
+    format: str = "text"               # text | prompt_completion | chat | preference (pairs: task=dpo/reward)
     seq_len: int = 2048                # tokens per packed/padded row (model inputs)
     packing: bool = True               # pack documents into rows (segment_ids) instead of padding
     shuffle: bool = True               # deterministic shuffle from train.seed, reshuffled each epoch
@@ -49,6 +49,9 @@ class DataDefaults:
     messages_field: str = "messages"
     role_field: str = "role"
     content_field: str = "content"
+    chosen_field: str = "chosen"       # preference rows: {prompt, chosen, rejected} (strings or message lists)
+    rejected_field: str = "rejected"
+    margin_field: Any = None           # preference rows: a column with each pair's margin (task=reward)
     roles: tuple = ("system", "user", "assistant", "tool")  # any other role is a row error
     chat_template: Any = None          # override the tokenizer's template: a Jinja string or a file
     train_on: str = "all_assistant"    # chat: all_assistant | last_assistant turns carry the loss
@@ -107,6 +110,7 @@ class DataSettings:
     packing: bool
     shuffle: bool
     fields: tuple             # ((field_key, name), ...)
+    margin_field: str | None
     roles: tuple
     chat_template: str | None
     train_on: str
@@ -192,6 +196,8 @@ def resolve(config: Any, *, process_index: int | None = None,
     need(_is_int(values["prefetch"]) and values["prefetch"] >= 0, "data.prefetch", "must be an int >= 0")
     for key in FIELD_KEYS:
         need(isinstance(values[key], str) and values[key], f"data.{key}", "must be a non-empty string")
+    need(values["margin_field"] is None or (isinstance(values["margin_field"], str) and values["margin_field"]),
+         "data.margin_field", "must be None or a column name")
     roles = tuple(values["roles"] or ())
     need(bool(roles) and all(isinstance(r, str) for r in roles) and "assistant" in roles,
               "data.roles", "must be a list of role names including 'assistant'")
@@ -228,7 +234,8 @@ def resolve(config: Any, *, process_index: int | None = None,
             stages=stages, validation=validation,
             validation_fraction=float(values["validation_fraction"]), format=fmt,
             seq_len=int(values["seq_len"]), packing=values["packing"], shuffle=values["shuffle"],
-            fields=tuple((k, values[k]) for k in FIELD_KEYS), roles=roles, chat_template=template,
+            fields=tuple((k, values[k]) for k in FIELD_KEYS), margin_field=values["margin_field"], roles=roles,
+            chat_template=template,
             train_on=values["train_on"], add_eos=values["add_eos"], on_error=values["on_error"],
             overlong=values["overlong"], tfds_data_dir=values["tfds_data_dir"],
             cache_dir=values["cache_dir"], packing_bins=int(values["packing_bins"]),

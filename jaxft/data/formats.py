@@ -132,6 +132,17 @@ class Encoder:
                 out[i] = result
         return [self._check_mask(r) if isinstance(r, Encoded) else r for r in out]
 
+    def encode_completions(self, pairs: Sequence[tuple[str, str]]) -> list:
+        """(prompt, completion) strings, validated by the caller → Encoded | RowError, as the
+        prompt_completion format encodes them (jaxft.data.preference)."""
+        return [self._check_mask(r) if isinstance(r, Encoded) else r for r in self._encode_prompt_completion(list(pairs))]
+
+    def encode_conversations(self, conversations: Sequence[list[dict]], starts: Sequence[int]) -> list:
+        """Validated message lists → Encoded | RowError, as the chat format encodes them, with the
+        assistant turns from message `starts[i]` on trained (a preference pair's completion)."""
+        out = self._encode_chat_exact(list(conversations), list(starts))
+        return [self._check_mask(r) if isinstance(r, Encoded) else r for r in out]
+
     # ---- validation: a row -> the values the format needs -------------------------------------
 
     def _validate(self, row: Mapping) -> Any:
@@ -147,11 +158,13 @@ class Encoder:
                                               f"got {type(prompt).__name__}")
             _empty_or_not_str(completion, f"field {self.fields['completion_field']!r}")
             return prompt, completion
-        return self._validate_messages(_get(row, self.fields["messages_field"], "messages_field"))
+        return self.validate_messages(_get(row, self.fields["messages_field"], "messages_field"))
 
-    def _validate_messages(self, messages: Any) -> list[dict]:
-        name, role_key, content_key = (self.fields["messages_field"], self.fields["role_field"],
-                                                                      self.fields["content_field"])
+    def validate_messages(self, messages: Any, name: str | None = None) -> list[dict]:
+        """A message list → normalized {"role", "content", ...} dicts; `name`: the field it came from
+        (default data.messages_field), named in errors."""
+        name = name or self.fields["messages_field"]
+        role_key, content_key = self.fields["role_field"], self.fields["content_field"]
         if isinstance(messages, Mapping):  # TFDS Sequence(dict) gives a dict of equal-length lists
             keys = list(messages)
             messages = [dict(zip(keys, values)) for values in zip(*messages.values())]
@@ -243,8 +256,10 @@ class Encoder:
             result = dataclasses.replace(fitted, truncated=True)
         return result
 
-    def _encode_chat_exact(self, conversations: list[list[dict]]) -> list:
-        """Renders, finds the assistant spans by prefix rendering, tokenizes once with offsets."""
+    def _encode_chat_exact(self, conversations: list[list[dict]], starts: list[int] | None = None) -> list:
+        """Renders, finds the assistant spans by prefix rendering, tokenizes once with offsets.
+        `starts`: per conversation, the first message whose assistant turns are trained (else
+        data.train_on decides)."""
         # One render job per (conversation, prefix): whole conversation, then per trained turn i the
         # prompt before it (with the generation prompt) and the conversation through it.
         jobs: dict[tuple[int, int, bool], list[dict]] = {}
@@ -252,7 +267,9 @@ class Encoder:
         for c, messages in enumerate(conversations):
             jobs[(c, len(messages), False)] = messages
             turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i > 0]
-            if self.train_on == "last_assistant":
+            if starts is not None:
+                turns = [i for i in turns if i >= starts[c]]
+            elif self.train_on == "last_assistant":
                 turns = turns[-1:]
             trained_turns.append(turns)
             for i in turns:

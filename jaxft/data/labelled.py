@@ -7,14 +7,12 @@
 
 Classification data are small (thousands of labelled rows), so each host reads and encodes the whole
 file once and takes its share of every global batch; nothing is packed (one row is one example:
-data.packing and data.format do not apply). The batch order is a pure function of train.seed and
-the batch count, so a resumed iterator replays its position from a counter.
+data.packing and data.format do not apply). Batching and exact resume: jaxft.data.indexed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 
 from jaxft.data.config import parse_source
 from jaxft.data.errors import DataError, RowError
+from jaxft.data.indexed import IndexedIterator, host_share, index_batches
 from jaxft.data.sources import open_source
 
 STEP_KEYS = ("input_ids", "attention_mask", "labels")  # what the classification objective reads
@@ -78,20 +77,6 @@ def batches(data: dict[str, np.ndarray], batch_size: int, seed: int = 0) -> Iter
         yield {k: data[k][take] for k in STEP_KEYS}
 
 
-def index_batches(count: int, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[np.ndarray]:
-    # Row indices only, so that a resumed iterator can replay N batches in microseconds (the order
-    # is a pure function of the seed and the position: nothing but a counter needs saving).
-    rng = np.random.RandomState(seed)
-    if count < batch_size:
-        raise DataError(f"{count} examples cannot fill one batch of {batch_size}")
-    order = np.zeros(0, np.int64)
-    while True:
-        while len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(count) if shuffle else np.arange(count)])
-        take, order = order[:batch_size], order[batch_size:]
-        yield take
-
-
 class LabelledData:
     """Encoded train (and validation) rows of a classification run: config.classification.* names
     the labels and fields, data.train / data.validation the sources, data.seq_len the length."""
@@ -121,61 +106,12 @@ class LabelledData:
         self.fingerprint = {"rows": len(self.train["labels"]), "digest": digest, "labels": list(self.labels),
                             "batch_size": self.batch_size, "seed": self.seed, "shuffle": bool(self.shuffle)}
 
-    def train_iterator(self) -> "LabelledIterator":
-        return LabelledIterator(self)
+    def train_iterator(self) -> IndexedIterator:
+        return IndexedIterator(len(self.train["labels"]), self.batch_size, self.seed, self.shuffle, self.fingerprint,
+                               lambda rows: {k: self.train[k][rows] for k in STEP_KEYS},
+                               process_index=self.process_index, process_count=self.process_count,
+                               stats=lambda _: {"truncated_rows": int(self.train["truncated"])})
 
     def host_rows(self, take: np.ndarray) -> np.ndarray:
         """This host's share of a global batch's row indices."""
-        per_host = len(take) // self.process_count
-        return take[self.process_index * per_host:(self.process_index + 1) * per_host]
-
-
-class LabelledIterator:
-    """Endless shuffled batches (this host's rows of each global batch). The state is a batch
-    counter: the order is recomputed from train.seed, so a resumed run sees the same batches."""
-
-    STATE_VERSION = 1
-
-    def __init__(self, data: LabelledData):
-        self._data = data
-        self._restart(0)
-
-    def _restart(self, position: int) -> None:
-        self._indices = index_batches(len(self._data.train["labels"]), self._data.batch_size, self._data.seed,
-                                      self._data.shuffle)
-        for _ in range(position):
-            next(self._indices)
-        self._position = position
-
-    def __iter__(self) -> "LabelledIterator":
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        take = self._data.host_rows(next(self._indices))
-        self._position += 1
-        return {k: self._data.train[k][take] for k in STEP_KEYS}
-
-    def get_state(self) -> dict:
-        return {"version": self.STATE_VERSION, "fingerprint": self._data.fingerprint, "batches": self._position}
-
-    def set_state(self, state: dict | str | bytes) -> None:
-        if isinstance(state, (str, bytes)):
-            state = json.loads(state)
-        if state.get("version") != self.STATE_VERSION or "batches" not in state:
-            raise DataError(f"classification data state {state!r} is not one this jaxft reads "
-                            f"(version {self.STATE_VERSION} with a batch count)")
-        saved, current = json.loads(json.dumps(state["fingerprint"])), json.loads(json.dumps(self._data.fingerprint))
-        if saved != current:
-            changed = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
-            raise DataError(f"cannot restore the data iterator: the data or config changed since it was saved "
-                            f"(key: (saved, now)): {changed}")
-        self._restart(int(state["batches"]))
-
-    def stats(self) -> dict:
-        rows = len(self._data.train["labels"])
-        seen = self._position * self._data.batch_size
-        return {"batches": self._position, "examples": seen, "epochs": seen / rows,
-                "truncated_rows": int(self._data.train["truncated"])}
-
-    def close(self) -> None:
-        pass  # nothing runs in the background
+        return host_share(take, self.process_index, self.process_count)

@@ -45,6 +45,9 @@ class DataPipeline:
     def __init__(self, config: Any, tokenizer: Any, *, process_index: int | None = None,
                               process_count: int | None = None):
         self.settings = s = resolve(config, process_index=process_index, process_count=process_count)
+        if s.format == "preference":
+            raise DataError("data.format='preference' holds pairs for task=dpo or task=reward "
+                            "(jaxft.data.preference), not documents for next-token training")
         self.tokenizer = TokenizerInfo(tokenizer, s.chat_template)
         self._encoders: dict = {}
         self.train_report = LoadReport(split="train")

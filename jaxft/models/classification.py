@@ -84,8 +84,9 @@ def head_options(hf_config: dict[str, Any], labels: Sequence[str] | int | None =
                  pad_token_id: int | None = None, where: str = "config.json") -> dict[str, Any] | None:
     """SequenceClassifier's keyword arguments for a checkpoint, or None for a causal LM.
 
-    labels: names (id order) or a count (named LABEL_0, ... as in HF); None keeps the checkpoint's
-    own head and labels when config.json names a *ForSequenceClassification architecture.
+    labels: names (id order) or a count (named LABEL_0, ... as in HF; 1 is a scalar head, a reward
+    model); None keeps the checkpoint's own head and labels when config.json names a
+    *ForSequenceClassification architecture.
     """
     if labels is None:
         if not is_classifier_config(hf_config):
@@ -100,8 +101,8 @@ def head_options(hf_config: dict[str, Any], labels: Sequence[str] | int | None =
     elif isinstance(labels, int):
         labels = [f"LABEL_{i}" for i in range(labels)]
     labels = [str(name) for name in labels]
-    if len(labels) < 2 or len(set(labels)) != len(labels):
-        raise ValueError(f"{where}: a classifier needs at least two distinct labels, got {labels}")
+    if not labels or len(set(labels)) != len(labels):  # one label: a scalar head (a reward model)
+        raise ValueError(f"{where}: a classifier needs distinct labels (one for a scalar head), got {labels}")
     if pad_token_id is None:
         pad_token_id = hf_config.get("pad_token_id")
     if not isinstance(pad_token_id, int):

@@ -67,7 +67,7 @@ class Linear(nnx.Module):
             y = jnp.einsum("...i,oi->...o", x.astype(self.dtype), self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        if self.adapter is not None:
+        if self.adapter is not None and not _ADAPTERS_OFF.get():
             y = self.adapter(x, y, self)
         return y
 
@@ -203,6 +203,21 @@ def dropout_key(salt: str) -> jax.Array | None:
     if key is None:
         return None
     return jax.random.fold_in(key, zlib.crc32(salt.encode()) & 0x7FFFFFFF)
+
+
+# --- the base model without its adapters ----------------------------------------------------------
+# Objectives whose reference is the base model (DPO with LoRA) trace its forward inside
+# `adapters_disabled()`: the same arrays, the adapters skipped, no copy of anything.
+_ADAPTERS_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxft_adapters_off", default=False)
+
+
+@contextlib.contextmanager
+def adapters_disabled():
+    token = _ADAPTERS_OFF.set(True)
+    try:
+        yield
+    finally:
+        _ADAPTERS_OFF.reset(token)
 
 
 # --- activation sharding -------------------------------------------------------------------------

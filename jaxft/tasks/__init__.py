@@ -1,6 +1,6 @@
 """Objectives: one file per objective, each a `jaxft.tasks.base.Task`, found by `config.task`.
 
-    task = jaxft.tasks.get(config.task)   # "causal_lm" | "classification" | a registered plug-in
+    task = jaxft.tasks.get(config.task)   # "causal_lm" | "classification" | "dpo" | "reward" | a plug-in
     jaxft.tasks.register(MyTask())         # a new objective, defined anywhere (see tests/tasks/test_plugin_task.py)
 
 The registry is the only place that maps a name to an objective; train, plan, eval, export and the
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from jaxft.tasks.base import Task
 
 # Built-in objectives: name -> the module whose TASK it is (imported on first use).
-_BUILTIN = {"causal_lm": "jaxft.tasks.causal_lm", "classification": "jaxft.tasks.classification"}
+_BUILTIN = {"causal_lm": "jaxft.tasks.causal_lm", "classification": "jaxft.tasks.classification",
+            "dpo": "jaxft.tasks.dpo", "reward": "jaxft.tasks.reward"}
 _REGISTERED: dict[str, "Task"] = {}
 
 

@@ -14,13 +14,16 @@
 A Task is stateless: one instance serves every run. Its hooks, in the order a run calls them:
   validate(config)                  its config section and the shared keys it depends on
   model_options(config, pad_id)     from_pretrained's extra arguments (a classification head)
-  attach(model, config)             what it adds to the loaded model (a frozen reference, a teacher)
+  attach(model, config, training)   what it adds to the loaded model (a head; for training only: a frozen
+                                    reference, a teacher)
   lora_targets(model, targets)      the adapter targets it needs ("all-linear" minus its head)
   trainable(predicate)              params it trains besides the adapters (its head, whole)
   data(config, tokenizer)           train iterator (get_state/set_state for exact resume) + validation
   batch_spec(config, rows)          the shapes of a train batch (for the memory plan and compiling)
   objective(config)                 the loss, see jaxft.step.Objective
+  before_training(training, ...)    once the state is built, before the first step (precomputed references)
   eval_step / evaluate              one validation pass → {"eval_loss", ...its metrics}
+  examples(...)                     a few validation examples for the report (before / after training)
   resume_keys                       config keys whose change makes a resume a different run
   export_info()                     what a PEFT export says besides the weights
 """
@@ -81,7 +84,9 @@ class Task:
     def model_options(self, config, pad_token_id: int | None) -> dict[str, Any]:
         return {}
 
-    def attach(self, model, config):
+    def attach(self, model, config, training: bool):
+        """`training`: False when a checkpoint is restored for inference (export, eval), which needs
+        only what holds trained params."""
         return model
 
     def lora_targets(self, model, targets):
@@ -108,6 +113,11 @@ class Task:
         micro_batch, normalizer) -> (loss, metrics)`, both additive over micro-batches."""
         raise NotImplementedError
 
+    def before_training(self, training, data, mesh, workdir: str) -> None:
+        """Called once the run's state is built (at its initial values, before a checkpoint is
+        restored) and before the first step: the place for work a run does once, e.g. reference
+        log-probs computed in one pass and kept in the workdir."""
+
     # ---- evaluation -----------------------------------------------------------------------------
     def eval_step(self, model_def, mesh, config) -> Callable:
         """A jitted (params, frozen, global batch) -> outputs that `evaluate` reduces."""
@@ -116,6 +126,11 @@ class Task:
     def evaluate(self, eval_step, params, frozen, data, mesh) -> dict[str, float] | None:
         """One pass over the validation data: {"eval_loss", ...}, or None without validation data."""
         raise NotImplementedError
+
+    def examples(self, eval_step, params, frozen, data, mesh, count: int) -> list[dict]:
+        """Up to `count` validation examples as flat dicts of short strings and numbers, shown in the
+        report before and after training (e.g. a preference pair and the model's log-prob margin)."""
+        return []
 
     # ---- export ---------------------------------------------------------------------------------
     def export_info(self) -> ExportInfo:

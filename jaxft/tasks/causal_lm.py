@@ -52,6 +52,8 @@ class CausalLM(Task):
     resume_keys = ("data.format", "data.packing")
 
     def validate(self, config) -> None:
+        need(config.data.format != "preference",
+             "data.format='preference' holds pairs for task=dpo or task=reward, not documents for task=causal_lm")
         chunk, seq = config.train.loss_chunk, config.data.seq_len
         need(chunk >= 0, f"train.loss_chunk must be >= 0, got {chunk}")
         need(not chunk or seq % chunk == 0, f"train.loss_chunk={chunk} does not divide data.seq_len={seq}")

@@ -84,5 +84,5 @@ def test_classifier_needs_a_pad_token(tmp_path):
     folder, _ = tiny_hf_model(tmp_path, "llama3_rope")  # its config.json has no pad_token_id
     with pytest.raises(ValueError, match=r"pad_token_id is None; a classifier scores the last token that is not padding"):
         jaxft.from_pretrained(folder, labels=2)
-    with pytest.raises(ValueError, match=r"at least two distinct labels"):
+    with pytest.raises(ValueError, match=r"a classifier needs distinct labels \(one for a scalar head\), got \[.yes., .yes.\]"):
         jaxft.from_pretrained(folder, labels=["yes", "yes"], pad_token_id=PAD)
