@@ -112,3 +112,51 @@ def train_batch(vocab: int, batch: int = 8, length: int = 12, seed: int = 0) -> 
     positions = np.maximum(np.cumsum(attention, 1) - 1, 0).astype(np.int32)
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask, "attention_mask": attention,
             "positions": positions, "segment_ids": attention.copy()}
+
+
+def peft_model(torch_model, lora_config, seed: int = 0, randomize: bool = True):
+    """A PEFT copy of `torch_model` (a peft.LoraConfig's adapters), randomized when asked (B ≠ 0,
+    DoRA magnitudes ≠ row norms) so that the adapters change the model."""
+    import copy
+
+    import peft
+    import torch
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(torch_model), lora_config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if randomize and "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+            if randomize and "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=generator))
+    return model.eval()
+
+
+def hf_keys(path, num_layers: int) -> list[str]:
+    """HF module names of a jaxft Linear path: one per layer when it is in the stacked layers."""
+    name = ".".join(path)
+    if "layers" not in path:
+        return [name]
+    return [name.replace("model.layers.", f"model.layers.{i}.") for i in range(num_layers)]
+
+
+def copy_adapters(torch_peft, model) -> None:
+    """PEFT adapter weights → the jaxft adapters of `model`, stacking per-layer tensors on the layer axis."""
+    import jax.numpy as jnp
+
+    from jaxft.peft.lora import linear_modules
+
+    sd = torch_peft.state_dict()
+    for path, linear in linear_modules(model).items():
+        if linear.adapter is None:
+            continue
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            variable = getattr(linear.adapter, name)
+            if variable is None:
+                continue
+            keys = [f"base_model.model.{k}.{name}.default.weight" for k in hf_keys(path, model.config.num_hidden_layers)]
+            value = np.stack([sd[k].float().numpy() for k in keys]) if "layers" in path else sd[keys[0]].float().numpy()
+            assert value.shape == variable.shape, (path, name, value.shape, variable.shape)
+            variable.set_value(jnp.asarray(value))

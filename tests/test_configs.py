@@ -46,7 +46,7 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
         assert abs(total - EXPECTED_PARAMS[config.model.path]) < 0.01 * total, total
     if config.lora.rank:
         # A classifier's new head (`score`) trains whole beside the adapters (PEFT's modules_to_save).
-        head = ("score.",) if config.task == "classification" else ()
+        head = ("score.",) if config.task in ("classification", "reward") else ()
         assert 0 < trainable < (0.02 if total > 1e8 else 0.5) * total
         assert all(".adapter." in p or p.startswith(head) for p in state.params) if head else \
             all(".adapter." in p for p in state.params)
@@ -86,7 +86,7 @@ CLASSIFY = os.path.join(ROOT, "configs", "classify_demo.py")
     (DEMO, ["--config.train.loss_chunk=24"], r"^train\.loss_chunk=24 does not divide data\.seq_len=64$"),
     (CLASSIFY, ["--config.train.z_loss=0.001"], r"^train\.z_loss=0\.001 is a term of the language-model loss"),
     (CLASSIFY, ["--config.train.loss_chunk=16"], r"^train\.loss_chunk=16 is a term of the language-model loss"),
-    (DEMO, ["--config.task=dpo"], r"^task 'dpo' must be causal_lm or classification$"),
+    (DEMO, ["--config.task=grpo"], r"^task 'grpo' must be causal_lm, classification, dpo or reward$"),
 ])
 def test_validate_names_the_config_key(config_file, override, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,6 @@ not a no-op) and copied into the jaxft model, then both sides are compared in fl
 
 import collections
 import contextlib
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +15,12 @@ import torch
 from flax import nnx
 
 import jaxft
-from jaxft import optim, sharding, step
+from jaxft import optim, sharding, step, testing
 from jaxft.models import layers
 from jaxft.peft import lora as lora_lib
 from jaxft.peft import LoraConfig, LoRAParam, apply_lora, is_lora_param, linear_modules, lora_params, merge_lora
 from jaxft.pretrained import flat_params
-from jaxft.testing import padded_batch, tiny_hf_model, torch_logits, train_batch
+from jaxft.testing import copy_adapters, hf_keys, padded_batch, tiny_hf_model, torch_logits, train_batch
 from jaxft.tasks.causal_lm import NextTokenLoss
 
 peft = pytest.importorskip("peft")
@@ -46,48 +45,15 @@ def llama(tmp_path_factory):
 
 
 def peft_model(torch_model, targets, variant, seed=0, randomize=True):
-    """A PEFT copy of `torch_model` with its adapters randomized (B ≠ 0, magnitudes ≠ row norms)."""
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets, **VARIANTS[variant])
-    model = peft.get_peft_model(copy.deepcopy(torch_model), config)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if randomize and "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
-            if randomize and "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=generator))
-    return model.eval()
+    return testing.peft_model(torch_model, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                           target_modules=targets, **VARIANTS[variant]),
+                              seed=seed, randomize=randomize)
 
 
 def jaxft_model(folder, targets, variant, **kw):
     model = jaxft.from_pretrained(folder, dtype="float32")
     targets = targets if isinstance(targets, str) else tuple(targets)
     return apply_lora(model, LoraConfig(rank=RANK, alpha=ALPHA, targets=targets, **VARIANTS[variant], **kw))
-
-
-def hf_keys(path, num_layers):
-    """HF module names of a jaxft Linear path: one per layer when it is in the stacked layers."""
-    name = ".".join(path)
-    if "layers" not in path:
-        return [name]
-    return [name.replace("model.layers.", f"model.layers.{i}.") for i in range(num_layers)]
-
-
-def copy_adapters(torch_peft, model):
-    """PEFT adapter weights → the jaxft adapters, stacking per-layer tensors on the layer axis."""
-    sd = torch_peft.state_dict()
-    for path, linear in linear_modules(model).items():
-        if linear.adapter is None:
-            continue
-        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            variable = getattr(linear.adapter, name)
-            if variable is None:
-                continue
-            keys = [f"base_model.model.{k}.{name}.default.weight" for k in hf_keys(path, model.config.num_hidden_layers)]
-            value = np.stack([sd[k].numpy() for k in keys]) if "layers" in path else sd[keys[0]].numpy()
-            assert value.shape == variable.shape, (path, name, value.shape, variable.shape)
-            variable.set_value(jnp.asarray(value))
 
 
 def logits(model, ids, mask):
