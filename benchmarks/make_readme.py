@@ -23,7 +23,7 @@ Scripts print one JSON object each; results are committed under `results/` as
 | `export_memory.py` | peak RSS of `jaxft export` of a full-FT run (params + AdamW moments saved), per checkout |
 | `train_compile.py` | train-step compile time vs depth (scanned layers); steps/s |
 | `train_throughput.py` | tokens/s, MFU, peak device memory, compile time of one train step |
-| `hf_peft_baseline.py` | the same step in transformers + PEFT (torch, sdpa) |
+| `hf_peft_baseline.py` | the same step in transformers + PEFT (torch, sdpa); `--objective dpo`: TRL's DPOTrainer loss |
 | `compare.py` | both of the above in one run, with the ratios |
 | `data.py` | tokenize + mask + pack tokens/s for chat data |
 
@@ -50,10 +50,13 @@ def summarize(name: str, r: dict) -> str:
         return f"compile {runs} (ratio {r['compile_ratio_deepest_vs_shallowest']:.2f})"
     if kind == "train_throughput":
         mfu = f", MFU {r['mfu']:.1%}" if r.get("mfu") else ""
-        return f"{r['framework']} {r['preset']} {r['mode']} b{r['batch']}×{r['seq']}: {r['tokens_per_second']:,.0f} tok/s{mfu}"
+        what = f"{r['mode']}" + (" DPO" if r.get("objective") == "dpo" else "")
+        return f"{r['framework']} {r['preset']} {what} b{r['batch']}×{r['seq']}: {r['tokens_per_second']:,.0f} tok/s{mfu}"
     if kind == "compare":
         ratio = r.get("ratios", {}).get("tokens_per_second")
-        return f"{r['jaxft'].get('preset')} {r['jaxft'].get('mode')}: jaxft/HF tokens/s = {ratio:.2f}" if ratio else "failed"
+        dpo = r["jaxft"].get("objective") == "dpo"
+        what = f"{r['jaxft'].get('preset')} {r['jaxft'].get('mode')}" + (" DPO" if dpo else "")
+        return f"{what}: jaxft/{'TRL' if dpo else 'HF'} tokens/s = {ratio:.2f}" if ratio else "failed"
     if kind == "data":
         return f"chat tokenize+mask+pack: {r['min_end_to_end_tokens_per_second']:,.0f} tokens/s end to end (goal {r['goal_tokens_per_second']:,})"
     if "tokens_per_second" in r:

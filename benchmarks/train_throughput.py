@@ -3,6 +3,12 @@
     python benchmarks/train_throughput.py --preset llama3.2-1b --mode full --batch 8 --seq 2048 --remat dots_no_batch
     python benchmarks/train_throughput.py --preset llama3.1-8b --mode lora --rank 16 --batch 4 --seq 2048
     python benchmarks/train_throughput.py --preset tiny --steps 3           # what CI runs
+    python benchmarks/train_throughput.py --preset llama3.2-1b --mode lora --objective dpo --batch 4 --seq 1024
+
+--objective dpo: a DPO step (jaxft.tasks.dpo, sigmoid) on --batch pairs, chosen and rejected of
+--seq tokens each, so 2 × batch sequences; with LoRA the reference is the base with adapters off
+(a second, gradient-free forward), with full fine-tuning precomputed log-probs ride in the batch.
+tokens/s counts every sequence; MFU counts the policy's FLOPs, not the reference forward.
 
 Random weights of the preset's real shapes (jaxft.presets; nothing downloaded). Steady state: the
 step is compiled, run `--warmup` times, then `--steps` times, synchronized. MFU follows DESIGN.md
@@ -25,6 +31,9 @@ from common import emit  # noqa: E402
 PRESETS = {
     "tiny": {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    # ~34M params: big enough that the step, not the Python around it, is what a CPU comparison times.
+    "small": {"model_type": "llama", "vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1408,
+              "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4},
     "llama3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama3.1-8b": "meta-llama/Llama-3.1-8B",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
@@ -67,8 +76,17 @@ def run(args) -> dict:
     batch["positions"] = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
     batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])
     from jaxft.tasks.causal_lm import NextTokenLoss
+    from jaxft.tasks.dpo import PreferenceLoss
 
-    objective = NextTokenLoss(chunk=args.loss_chunk)
+    if args.objective == "dpo":  # --batch pairs: each row is the chosen, the next row (rolled) the rejected
+        batch = {k: jnp.stack([v, jnp.roll(v, 1, axis=0)], axis=1) for k, v in batch.items()
+                 if k in ("input_ids", "targets", "loss_mask", "attention_mask")}
+        batch.update(sequence_mask=batch["attention_mask"].astype(jnp.float32), weight=jnp.ones((args.batch,)),
+                     ref_logps=-jnp.ones((args.batch, 2)) * args.seq)
+        objective = PreferenceLoss(reference="adapters_off" if args.mode == "lora" else "precomputed",
+                                   chunk=args.loss_chunk)
+    else:
+        objective = NextTokenLoss(chunk=args.loss_chunk)
     train_step = jax.jit(step.make_train_step(model_def, optimizer, objective, step.StepConfig(
         remat=args.remat, grad_accum=args.grad_accum)), donate_argnums=0)
     start = time.perf_counter()
@@ -86,14 +104,15 @@ def run(args) -> dict:
     trained = sum(int(np.prod(x.shape)) for x in params.values())
     flops = metrics.model_flops_per_token(total, hf_config["num_hidden_layers"], hf_config["hidden_size"], args.seq,
                                           None if args.mode == "full" else trained)
-    tokens_per_second = args.batch * args.seq / seconds
+    tokens_per_second = args.batch * args.seq * (2 if args.objective == "dpo" else 1) / seconds
     device = jax.devices()[0]
     peak = metrics.device_peak_flops(device)
     memory = device.memory_stats() or {}
     return {
         "benchmark": "train_throughput", "framework": "jaxft", "date": time.strftime("%Y-%m-%d"),
         "device": device.device_kind, "backend": jax.default_backend(), "host": platform.node(),
-        "jax_version": jax.__version__, **{k: getattr(args, k) for k in ("preset", "mode", "rank", "batch", "seq", "remat",
+        "jax_version": jax.__version__, **{k: getattr(args, k) for k in ("preset", "mode", "objective", "rank", "batch",
+                                                                          "seq", "remat",
                                                                           "attention", "param_dtype", "compute_dtype",
                                                                           "grad_accum", "loss_chunk", "steps", "warmup")},
         "attention_resolved": attention, "params": total, "trainable_params": trained, "flops_per_token": flops,
@@ -108,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--mode", choices=["full", "lora"], default="full")
+    p.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                   help="dpo: --batch pairs of chosen/rejected sequences (jaxft.tasks.dpo; TRL's DPOTrainer in the baseline)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=64)

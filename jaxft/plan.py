@@ -261,8 +261,8 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
         ("gradients", grads, "+ accumulator" if accum > 1 else ""),
         (f"activations (remat={config.train.remat})", saved["other"],
          f"saved for backward, micro-batch {micro} × {seq}"),
-        (f"logits [{micro}, {seq}, {vocab}] f32" if not config.train.loss_chunk else
-         f"logits, chunks of {chunk} tokens", saved["logits"], ""),
+        (f"logits [{saved['logits'] // (seq * vocab * 4) or micro}, {seq}, {vocab}] f32" if not config.train.loss_chunk
+         else f"logits, chunks of {chunk} tokens", saved["logits"], ""),
         ("working set", *working),
     ]
     # Full fine-tuning freezes nothing; an objective without vocabulary logits (a classifier) has none.

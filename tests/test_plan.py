@@ -132,3 +132,18 @@ def test_classification_plan_counts_its_head_and_matches_the_compiled_step():
     assert 0.8 < classify.estimate.total / compiled["peak"] < 1.2, classify.table()
     state = sum(classify.estimate.get(r) for r in ("frozen base", "trainable", "optimizer state"))
     assert state == pytest.approx(compiled["argument"], rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["dpo_demo.py", "reward_demo.py"])
+def test_preference_plans_match_the_compiled_step(name):
+    """task=dpo / reward: the plan traces the objective on [B, 2, T] pairs (2B sequences; DPO's
+    reference forward under stop_gradient keeps nothing for the backward pass)."""
+    result = plan.plan(_load(f"{CONFIGS}/{name}", "--config.mesh.shape={'data': 1}"), compile=True, num_devices=1)
+    print(f"\n[plan, {name}] estimate {result.estimate.total / 2**20:.2f} MiB, compiled {result.compiled['peak'] / 2**20:.2f} MiB")
+    assert 0.8 < result.estimate.total / result.compiled["peak"] < 1.2, result.table()
+    if name == "dpo_demo.py":
+        assert "logits [32, 32, 1024]" in result.table()  # 16 pairs: 32 sequences
+        full = plan.plan(_load(f"{CONFIGS}/{name}", "--config.mesh.shape={'data': 1}", "--config.lora.rank=0"),
+                         num_devices=1)
+        # Full fine-tuning: the frozen reference copy is as big as the trained params.
+        assert full.estimate.get("frozen base") == full.estimate.get("trainable")

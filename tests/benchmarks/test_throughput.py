@@ -21,11 +21,13 @@ def run(script, *args):
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_harness_reports_every_field_on_a_tiny_preset(mode):
+@pytest.mark.parametrize("mode,objective", [("full", "sft"), ("lora", "sft"), ("lora", "dpo")])
+def test_harness_reports_every_field_on_a_tiny_preset(mode, objective):
     result = run("train_throughput.py", "--preset", "tiny", "--mode", mode, "--rank", "4", "--steps", "2", "--warmup", "1",
-                 "--param-dtype", "float32", "--compute-dtype", "float32")
+                 "--param-dtype", "float32", "--compute-dtype", "float32", "--objective", objective)
     assert FIELDS <= set(result)
+    if objective == "dpo":  # 2 pairs of 64-token completions per step, a step of policy and reference
+        assert result["final_loss"] == pytest.approx(0.6931, abs=1e-3) and result["objective"] == "dpo"
     assert result["tokens_per_second"] > 0 and result["compile_seconds"] > 0
     assert result["params"] == 106816  # tiny preset: 2 layers, hidden 64, vocab 256, untied
     assert (result["trainable_params"] < result["params"]) == (mode == "lora")
