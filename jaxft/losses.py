@@ -38,20 +38,28 @@ def cross_entropy_sums(logits, targets, loss_mask, z_loss: float = 0.0):
 def chunked_cross_entropy_sums(model, hidden, targets, loss_mask, z_loss: float, chunk: int):
     """cross_entropy_sums over sequence chunks: each chunk's [B, chunk, V] logits are made, reduced
     and (under remat) recomputed in the backward pass, so full-vocab fp32 logits never coexist."""
-    batch, length, _ = hidden.shape
+    def one_chunk(sums, h, t, m):
+        nll, z = cross_entropy_sums(model.logits(h), t, m, z_loss)
+        return sums[0] + nll, sums[1] + z
+
+    zero = jnp.zeros((), jnp.float32)
+    return over_chunks(one_chunk, (zero, zero), chunk, hidden, targets, loss_mask)
+
+
+def over_chunks(fn, init, chunk: int, hidden, *arrays):
+    """Folds `fn(carry, hidden_chunk, *array_chunks) -> carry` over sequence chunks of `chunk`
+    tokens ([N, T, ...] arrays split on T), each chunk rematerialized in the backward pass."""
+    rows, length = hidden.shape[:2]
     if length % chunk:
         raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}")
-    split = lambda x: x.reshape(batch, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    split = lambda x: x.reshape(rows, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
 
     @jax.checkpoint
-    def one_chunk(carry, xs):
-        h, t, m = xs
-        nll, z = cross_entropy_sums(model.logits(h), t, m, z_loss)
-        return (carry[0] + nll, carry[1] + z), None
+    def body(carry, xs):
+        return fn(carry, *xs), None
 
-    (nll, z), _ = jax.lax.scan(one_chunk, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                               (split(hidden), split(targets), split(loss_mask)))
-    return nll, z
+    carry, _ = jax.lax.scan(body, init, (split(hidden), *map(split, arrays)))
+    return carry
 
 
 def token_log_probs(logits, targets):
@@ -71,17 +79,10 @@ def masked_log_prob_sums(model, batch, masks, chunk: int = 0):
         log_probs = token_log_probs(forward(model, batch), targets)  # [N, T]
         return tuple((log_probs * m).sum(-1) for m in masks)
     hidden = hidden_states(model, batch)
-    rows, length, _ = hidden.shape
-    if length % chunk:
-        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}")
-    split = lambda x: x.reshape(rows, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
 
-    @jax.checkpoint
-    def one_chunk(sums, xs):
-        h, t, *ms = xs
+    def one_chunk(sums, h, t, *ms):
         log_probs = token_log_probs(model.logits(h), t)
-        return tuple(s + (log_probs * m).sum(-1) for s, m in zip(sums, ms)), None
+        return tuple(s + (log_probs * m).sum(-1) for s, m in zip(sums, ms))
 
-    zeros = tuple(jnp.zeros((rows,), jnp.float32) for _ in masks)
-    sums, _ = jax.lax.scan(one_chunk, zeros, (split(hidden), split(targets), *map(split, masks)))
-    return sums
+    zeros = tuple(jnp.zeros((hidden.shape[0],), jnp.float32) for _ in masks)
+    return over_chunks(one_chunk, zeros, chunk, hidden, targets, *masks)

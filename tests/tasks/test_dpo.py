@@ -344,3 +344,25 @@ def test_long_pairs_cut_the_prompt_first_and_identical_pairs_are_dropped(tmp_pat
     assert tokenizer.decode(chosen[:8]).endswith("\nA:")  # the prompt's end is kept
     config.data.overlong = "drop"
     assert PreferenceData(config, tokenizer, causal=True, max_prompt_length=8).report["train"]["dropped_overlong"] == 1
+
+
+def test_chunked_log_probs_equal_the_whole_sequence(tiny):
+    """train.loss_chunk: the pairs' log-probs over sequence chunks (no [2B, T, V] logits held) give
+    the same loss and gradients as over the whole sequence."""
+    from jaxft import step
+
+    folder, torch_model, tokenizer, rows, _ = tiny
+    data = PreferenceData(dpo_config(folder, rows), tokenizer, causal=True, max_prompt_length=0)
+    batch = {k: jnp.asarray(v) for k, v in data.batch("train", np.arange(len(ROWS))).items()}
+    trainer = trl_trainer(trl.DPOTrainer, trl.DPOConfig, torch_model, tokenizer, ROWS, max_length=None)
+    model_def, params, frozen = step.split_model(jaxft_policy(folder, trainer.model), lora.is_lora_param)
+    results = {}
+    for chunk in (0, 8):
+        objective = PreferenceLoss(loss_type="orpo", chunk=chunk)  # both masks: the completion and the sequence
+        loss_fn = step.make_loss_fn(model_def, objective)
+        results[chunk] = jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, batch, objective.normalizer(batch), None)
+    (loss, _), grads = results[0]
+    (chunked, _), chunked_grads = results[8]
+    np.testing.assert_allclose(chunked, loss, rtol=1e-6)
+    for path in grads:
+        np.testing.assert_allclose(chunked_grads[path], grads[path], atol=1e-6, err_msg=path)
