@@ -7,6 +7,7 @@
     jaxft info --model PATH_OR_HUB_ID           # what a checkpoint is, as jaxft reads it
     jaxft generate --model PATH --prompt "..."  # greedy continuation
     jaxft plan --config configs/llama3_8b_lora.py:h100 --device v5e   # will it fit? from shapes alone
+    jaxft make-student --model PATH --layers 2 --out OUT   # the first layers of a model (task=distill)
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def cmd_demo(args, overrides: list[str]) -> int:
     from jaxft.train import train
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.variant == "distill":
+        return _demo_distill(args, overrides)
     config = get_config(args.variant)
     config.workdir = args.workdir
     for item in overrides:
@@ -110,6 +113,34 @@ def cmd_demo(args, overrides: list[str]) -> int:
         print(f"  {sample['prompt']!r} → {sample['output']!r} (expected {sample['answer']!r})")
     print("Next: jaxft generate --model " + out + " --prompt 'Q: ...?\\nA:'  |  "
           "jaxft export --workdir " + summary["workdir"] + " --out adapter --format peft")
+    return 0
+
+
+def _demo_distill(args, overrides: list[str]) -> int:
+    """jaxft demo --variant distill: the teacher and the student made if absent, then the distillation."""
+    from jaxft import config as config_lib
+    from jaxft import export
+    from jaxft.demo import distill
+    from jaxft.train import train
+
+    workdir = args.workdir if args.workdir != "workdir/demo" else distill.WORKDIR
+    where = distill.prepare(workdir)
+    config = distill.get_config("", workdir)
+    for item in overrides:
+        config_lib.apply_override(config, item)
+    print(f"Distilling {where['teacher']} (4 layers) into {where['student']} (2 layers) for {config.train.steps} steps")
+    summary = train(config)
+    before, after = summary.get("eval_before", {}), summary.get("eval", {})
+    if before and after:
+        print(f"student's KL to the teacher on held-out sentences {before['distill_loss']:.3f} → "
+              f"{after['distill_loss']:.3f} ({1 - after['distill_loss'] / before['distill_loss']:.0%} lower)")
+    task = summary.get("task", {})
+    if "before" in task and "after" in task:
+        print(f"student's exact match on the facts {task['before']['exact_match']:.0%} → {task['after']['exact_match']:.0%}")
+    if not summary["stopped_early"]:
+        out = export.export(summary["workdir"], f"{summary['workdir']}/hf", format="hf")
+        print(f"the student, merged: {out}")
+    print(f"report: {summary['workdir']}/report.html")
     return 0
 
 
@@ -194,6 +225,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_make_student(args) -> int:
+    from jaxft.student import first_layers
+
+    out = first_layers(args.model, args.layers, args.out)
+    print(f"wrote the first {args.layers} layers of {args.model} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune open LLMs in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -224,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="the embedded default: LoRA fine-tune of the bundled tiny model, "
                                             "report, HF export (no download, ~30 s on CPU)")
     demo.add_argument("--workdir", default="workdir/demo", help="where the run, its report and export go")
-    demo.add_argument("--variant", default="", choices=["", "smoke"], help="smoke: 4 steps through every part")
+    demo.add_argument("--variant", default="", choices=["", "smoke", "distill"],
+                      help="smoke: 4 steps through every part; distill: a 2-layer student learns a 4-layer teacher")
     demo.set_defaults(run=cmd_demo)
 
     plan = commands.add_parser("plan", help="per-device memory of a config's train step, from shapes alone; "
@@ -236,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--devices", type=int, default=None, help="devices for a -1 in mesh.shape (default: those here)")
     plan.add_argument("--compile", action="store_true", help="also compile the step and show XLA's count (small models)")
     plan.set_defaults(run=cmd_plan)
+
+    student = commands.add_parser("make-student", help="a smaller student for task=distill: the first N decoder "
+                                                       "layers of an HF folder, with its tokenizer")
+    student.add_argument("--model", required=True, help="an HF folder (safetensors)")
+    student.add_argument("--layers", type=int, required=True, help="decoder layers to keep")
+    student.add_argument("--out", required=True)
+    student.set_defaults(run=cmd_make_student)
 
     info = commands.add_parser("info", help="describe a checkpoint (local folder or hub id)")
     info.add_argument("--model", required=True)

@@ -90,6 +90,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward.center_rewards_coefficient = 0.0  # + coefficient × mean((r_chosen + r_rejected)²) (TRL's)
     c.reward.max_prompt_length = 0  # as dpo.max_prompt_length
 
+    # task=distill: a frozen teacher (any family jaxft loads, the student's tokenizer) on the same mesh; the
+    # loss on the data's trained tokens (any causal_lm format), over train.loss_chunk chunks (jaxft.tasks.distill).
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = ""  # HF folder or hub id of the teacher
+    c.distill.teacher_revision = ml_collections.FieldReference(None, field_type=str)
+    c.distill.teacher_dtype = "float32"  # float32 | bfloat16
+    c.distill.teacher_quantize = "none"  # none | int8 | nf4: the teacher's decoder Linears stored quantized
+    c.distill.loss = "forward_kl"  # forward_kl (KL(teacher‖student)) | reverse_kl | jsd (GKD's generalized JSD)
+    c.distill.jsd_beta = 0.5  # jsd: the mixture weight β (0 and 1 are the two KLs)
+    c.distill.temperature = 1.0  # both models' logits divided by T (no T² factor, as TRL's GKD)
+    c.distill.alpha = 1.0  # alpha × divergence + (1 − alpha) × the student's cross-entropy on the data
+    c.distill.on_policy_fraction = 0.0  # GKD's λ: that share of steps trains on the student's own completions
+    c.distill.max_new_tokens = 32  # on-policy: the longest sampled completion
+    c.distill.sampling_temperature = 1.0  # on-policy: 0 = greedy
+
     c.eval = ml_collections.ConfigDict()
     c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
     c.eval.max_new_tokens = 16  # generation budget per task answer

@@ -169,6 +169,9 @@ class Checkpoint(contextlib.AbstractContextManager):
                 self.files[key] = name
                 self.shapes[key] = tuple(array.shape)
 
+    def dtype(self, key: str) -> np.dtype:
+        return self._pickled[key].dtype if self._pickled is not None else self._entries[key].dtype
+
     def read(self, key: str, index: tuple = (), out: np.ndarray | None = None) -> np.ndarray:
         """`tensor[index]` read from disk now: only the rows that `index[0]` selects are read.
 
@@ -294,3 +297,18 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     return copied
+
+
+def config_for(path: str, revision: str | None = None) -> dict:
+    """config.json of a model without its weights: a local folder, a preset (jaxft.presets: no
+    download), or the hub (config.json only)."""
+    from jaxft import presets
+
+    if os.path.isdir(path):
+        return read_config(path)
+    if path in presets.HF_CONFIGS:
+        return dict(presets.HF_CONFIGS[path])
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(path, "config.json", revision=revision)) as f:
+        return json.load(f)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft import config as config_lib
-from jaxft import presets, sharding, step
+from jaxft import sharding, step
 from jaxft import run as run_lib
 
 log = logging.getLogger("jaxft.plan")
@@ -146,19 +146,10 @@ def device_memory(device: str | None = None, config=None) -> tuple[int | None, s
 
 # ---- the estimate ---------------------------------------------------------------------------------
 def hf_config_for(path: str, revision: str | None = None) -> dict:
-    """config.json of a model: a local folder, a preset (no download), or the hub (config.json only)."""
+    """config.json of a model, read without its weights (jaxft.hf.config_for)."""
     from jaxft import hf
 
-    if os.path.isdir(path):
-        return hf.read_config(path)
-    if path in presets.HF_CONFIGS:
-        return presets.HF_CONFIGS[path]
-    from huggingface_hub import hf_hub_download
-
-    import json
-
-    with open(hf_hub_download(path, "config.json", revision=revision)) as f:
-        return json.load(f)
+    return hf.config_for(path, revision)
 
 
 def mesh_sizes(shape, num_devices: int | None = None) -> dict[str, int]:

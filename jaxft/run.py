@@ -44,20 +44,21 @@ def load_model(config, task: Task, source_path: str, mesh, pad_token_id: int | N
                            quantize=config.model.quantize, skip=skip, **task.model_options(config, pad_token_id))
 
 
-def prepare_model(model, config, task: Task, training: bool = True):
+def prepare_model(model, config, task: Task, training: bool = True, mesh=None, abstract: bool = False):
     """Every change a run makes to a loaded (or shapes-only) model, in the one order that works;
     returns (model, the predicate of the params that train). Callers never order these themselves:
     1. quantize the base (model.quantize): before any adapter, since DoRA's magnitudes and the merge
        are of the base as stored; a no-op where from_pretrained quantized while loading;
-    2. the task's additions (Task.attach: a head; when `training`, a frozen reference, a teacher);
-    3. adapters (lora.*) on the targets the task asks for, or else full fine-tuning minus
+    2. adapters (lora.*) on the targets the task asks for, or else full fine-tuning minus
        train.freeze patterns; the task's own trainable parts (a head) on top;
+    3. the task's additions (Task.attach: a head; when `training`, a frozen reference, a teacher),
+       after the adapters, so that nothing attached is adapted or quantized with the student;
     4. the attention implementation (model.attention): static graph data, so before the split.
     The remat policy (train.remat) is the split's (step.split_model), the last change of all.
+    `mesh` / `abstract` are handed to Task.attach (where a teacher loads; shapes only for the plan).
     """
     if config.model.quantize != "none":
         quant.quantize_model(model, config.model.quantize)
-    model = task.attach(model, config, training)
     if config.lora.rank:
         targets = config.lora.targets if isinstance(config.lora.targets, str) else tuple(config.lora.targets)
         lora.apply_lora(model, config_lib.lora_settings(config, task.lora_targets(model, targets)),
@@ -66,6 +67,7 @@ def prepare_model(model, config, task: Task, training: bool = True):
     else:
         patterns = tuple(config.train.freeze)
         trainable = lambda path, variable: not optim.frozen_by_pattern([path], patterns)  # noqa: E731
+    model = task.attach(model, config, training=training, mesh=mesh, abstract=abstract)
     attn_lib.set_attention_implementation(model, config.model.attention)
     return model, task.trainable(trainable)
 
@@ -75,6 +77,7 @@ def prepare_model(model, config, task: Task, training: bool = True):
 class TrainingParts:
     """What a training run is made of before it is placed on a mesh."""
 
+    config: Any
     task: Task
     model_def: step.ModelDef
     optimizer: Any
@@ -83,8 +86,8 @@ class TrainingParts:
     state: step.TrainState
 
 
-def training_parts(model, config, task: Task) -> TrainingParts:
-    model, trainable = prepare_model(model, config, task)
+def training_parts(model, config, task: Task, mesh=None, abstract: bool = False) -> TrainingParts:
+    model, trainable = prepare_model(model, config, task, mesh=mesh, abstract=abstract)
     model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
     optim_cfg = config_lib.optimizer_settings(config)
     optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
@@ -92,7 +95,7 @@ def training_parts(model, config, task: Task) -> TrainingParts:
     train_step = step.make_train_step(model_def, optimizer, objective, config_lib.step_settings(config),
                                       optim.make_schedule(optim_cfg))
     state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
-    return TrainingParts(task, model_def, optimizer, objective, train_step, state)
+    return TrainingParts(config, task, model_def, optimizer, objective, train_step, state)
 
 
 def abstract_training(config, hf_config: dict) -> TrainingParts:
@@ -105,7 +108,7 @@ def abstract_training(config, hf_config: dict) -> TrainingParts:
         # Shapes only: any pad id will do for a head.
         options = task.model_options(config, hf_config.get("pad_token_id") or 0)
         model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, **options)
-        holder["parts"] = training_parts(model, config, task)
+        holder["parts"] = training_parts(model, config, task, abstract=True)
         return holder["parts"].state
 
     state = jax.eval_shape(make)
@@ -132,7 +135,7 @@ def build_training(config, mesh, source_path: str, tokenizer) -> Training:
     """The model (loaded onto `mesh`), its optimizer and train state, and the compiled steps."""
     task = tasks.get(config.task)
     model = load_model(config, task, source_path, mesh, tokenizer.pad_token_id)
-    parts = training_parts(model, config, task)
+    parts = training_parts(model, config, task, mesh=mesh)
     compiled, state_shardings = step.compile_train_step(parts.train_step, parts.state, parts.optimizer,
                                                         parts.model_def, mesh)
     return Training(**{**vars(parts), "state": jax.device_put(parts.state, state_shardings)},

@@ -98,7 +98,7 @@ def train(config) -> dict[str, Any]:
     with stop.installed(), sharding.activate(mesh):
         while step_index < config.train.steps:
             step_started = time.perf_counter()
-            local = next(batches)
+            local = task.step_batch(training, data, state, next(batches), step_index + 1)
             state, metrics = training.compiled_step(state, sharding.global_batch(local, mesh))
             step_index += 1
             if config.train.on_nonfinite == "abort" and not bool(metrics["finite"]):

@@ -14,14 +14,15 @@
 A Task is stateless: one instance serves every run. Its hooks, in the order a run calls them:
   validate(config)                  its config section and the shared keys it depends on
   model_options(config, pad_id)     from_pretrained's extra arguments (a classification head)
-  attach(model, config, training)   what it adds to the loaded model (a head; for training only: a frozen
-                                    reference, a teacher)
+  attach(model, config, ...)        what it adds to the loaded model (a head; for training only: a frozen
+                                    reference, a teacher), after the adapters: nothing attached is adapted
   lora_targets(model, targets)      the adapter targets it needs ("all-linear" minus its head)
   trainable(predicate)              params it trains besides the adapters (its head, whole)
   data(config, tokenizer)           train iterator (get_state/set_state for exact resume) + validation
   batch_spec(config, rows)          the shapes of a train batch (for the memory plan and compiling)
   objective(config)                 the loss, see jaxft.step.Objective
   before_training(training, ...)    once the state is built, before the first step (precomputed references)
+  step_batch(training, data, ...)   each host batch just before its step (on-policy completions)
   eval_step / evaluate              one validation pass → {"eval_loss", ...its metrics}
   examples(...)                     a few validation examples for the report (before / after training)
   resume_keys                       config keys whose change makes a resume a different run
@@ -84,9 +85,10 @@ class Task:
     def model_options(self, config, pad_token_id: int | None) -> dict[str, Any]:
         return {}
 
-    def attach(self, model, config, training: bool):
+    def attach(self, model, config, *, training: bool, mesh=None, abstract: bool = False):
         """`training`: False when a checkpoint is restored for inference (export, eval), which needs
-        only what holds trained params."""
+        only what holds trained params. `mesh`: where to place what is loaded; `abstract`: inside
+        jax.eval_shape (the memory plan), so build shapes, read nothing."""
         return model
 
     def lora_targets(self, model, targets):
@@ -117,6 +119,12 @@ class Task:
         """Called once the run's state is built (at its initial values, before a checkpoint is
         restored) and before the first step: the place for work a run does once, e.g. reference
         log-probs computed in one pass and kept in the workdir."""
+
+    def step_batch(self, training, data, state, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        """The host batch that step `step` (1-based) trains on, made from the data's batch with the
+        current state (e.g. completions sampled from the model being trained). It must depend only
+        on the state, the batch and the step, so that a resumed run repeats it."""
+        return batch
 
     # ---- evaluation -----------------------------------------------------------------------------
     def eval_step(self, model_def, mesh, config) -> Callable:

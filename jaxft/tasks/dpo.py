@@ -198,7 +198,7 @@ class DPO(Task):
         need(not chunk or seq % chunk == 0, f"train.loss_chunk={chunk} does not divide data.seq_len={seq}")
         need(not config.train.z_loss, "train.z_loss is a term of the language-model loss; task=dpo has its own loss")
 
-    def attach(self, model, config, training: bool):
+    def attach(self, model, config, *, training: bool, mesh=None, abstract: bool = False):
         if training and reference_mode(config) == "copy":
             # Full fine-tuning: the reference is the initial model, frozen, with its own arrays
             # (sharded like the params, by their axes); it is rebuilt from the base on resume.

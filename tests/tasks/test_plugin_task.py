@@ -62,7 +62,7 @@ class Parity(Task):
         CAUSAL_LM.validate(config)  # the same data and loss-chunk rules
         need(0.0 <= config.parity.smoothing < 1.0, f"parity.smoothing must be in [0, 1), got {config.parity.smoothing}")
 
-    def attach(self, model, config, training):
+    def attach(self, model, config, *, training, mesh=None, abstract=False):
         hidden = model.model.spec.hidden_size
         model.parity = Linear(hidden, 2, use_bias=False, axes=(None, Axis.EMBED), param_dtype=jnp.float32, dtype=model.dtype,
                               rngs=nnx.Rngs(config.train.seed))
