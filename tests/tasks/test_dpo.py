@@ -14,6 +14,7 @@ import pytest
 import jaxft
 from jaxft import cli, hf, plan, sharding
 from jaxft import config as config_lib
+from jaxft import train
 from jaxft import run as run_lib
 from jaxft.data import DataError
 from jaxft.data.preference import PreferenceData
@@ -290,9 +291,9 @@ def test_resume_is_exact(tmp_path, variant):
               "--config.train.learning_rate=1e-3", *variant]
     load = lambda name, *more: config_lib.load(f"{DPO_DEMO}:smoke", [f"--config.workdir={tmp_path / name}", *common,  # noqa: E731
                                                                       *more])
-    straight = jaxft.train.train(load("a"))
-    jaxft.train.train(load("b", "--config.train.steps=2"))
-    resumed = jaxft.train.train(load("b"))
+    straight = train.train(load("a"))
+    train.train(load("b", "--config.train.steps=2"))
+    resumed = train.train(load("b"))
     assert resumed["resumed_from"] == 2 and resumed["data"]["batches"] == 4
     assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
     assert resumed["eval"] == straight["eval"]
@@ -306,7 +307,7 @@ def test_precomputed_reference_equals_the_frozen_copy(tmp_path):
     common = ["--config.lora.rank=0", "--config.checkpoint.async_save=False", "--config.train.eval_every=0",
               "--config.eval.at_start=False", "--config.train.learning_rate=1e-3"]
     for name, extra in (("copy", []), ("pre", ["--config.dpo.precompute_reference=True"])):
-        jaxft.train.train(config_lib.load(f"{DPO_DEMO}:smoke", [f"--config.workdir={tmp_path / name}", *common, *extra]))
+        train.train(config_lib.load(f"{DPO_DEMO}:smoke", [f"--config.workdir={tmp_path / name}", *common, *extra]))
     copy_losses, pre_losses = _losses(tmp_path / "copy"), _losses(tmp_path / "pre")
     assert copy_losses.keys() == pre_losses.keys() and copy_losses[1] == pytest.approx(np.log(2), abs=1e-4)
     for step in copy_losses:

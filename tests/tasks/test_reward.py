@@ -13,6 +13,7 @@ import pytest
 import jaxft
 from jaxft import cli, hf
 from jaxft import config as config_lib
+from jaxft import train
 from jaxft import run as run_lib
 from jaxft.data.preference import PreferenceData
 from jaxft.demo import MODEL_DIR
@@ -115,9 +116,9 @@ def test_resume_is_exact(tmp_path):
               "--config.checkpoint.async_save=False", "--config.train.eval_every=0", "--config.eval.at_start=False"]
     load = lambda name, *more: config_lib.load(f"{REWARD_DEMO}:smoke", [f"--config.workdir={tmp_path / name}", *common,  # noqa: E731
                                                                          *more])
-    straight = jaxft.train.train(load("a"))
-    jaxft.train.train(load("b", "--config.train.steps=2"))
-    resumed = jaxft.train.train(load("b"))
+    straight = train.train(load("a"))
+    train.train(load("b", "--config.train.steps=2"))
+    resumed = train.train(load("b"))
     assert resumed["resumed_from"] == 2
     losses = lambda w: {r["step"]: r["loss"] for r in map(json.loads, open(w / "metrics.jsonl")) if "loss" in r}  # noqa: E731
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
