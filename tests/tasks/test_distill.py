@@ -32,7 +32,7 @@ def _trl_loss(student, teacher, labels, beta, temperature):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 0.25, 0.5, 1.0])  # 0.25: a mixture whose two sides differ
 def test_divergence_equals_trl_gkd(beta, temperature):
     rng = np.random.RandomState(0)
     student, teacher = (rng.randn(3, 7, 50).astype(np.float32) * 3 for _ in range(2))
@@ -200,3 +200,16 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_weight_is_read(t
     with pytest.raises(ValueError, match=rf"distill.teacher {teacher}: its tokenizer is not the student's \(vocabulary "
                                          r"\d+ vs 1024 tokens; first difference at id \d+: .* \(teacher\) vs .* \(student\)\)"):
         train.train(config)
+
+
+def test_the_plan_counts_the_teacher(demo):
+    """jaxft plan of a distillation: the frozen teacher (all of it) beside the student, and an
+    estimate within 20% of the compiled step."""
+    config = config_lib.with_values(distill_demo.get_config("", demo), {"mesh.shape": {"data": 1}})
+    result = plan.plan(config, compile=True, num_devices=1)
+    teacher = jaxft.init_random(json.load(open(os.path.join(config.distill.teacher, "config.json"))))
+    teacher_bytes = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(__import__("flax").nnx.state(teacher)))
+    print(f"\n[plan, distill demo] estimate {result.estimate.total / 2**20:.2f} MiB, compiled "
+          f"{result.compiled['peak'] / 2**20:.2f} MiB; frozen {result.estimate.get('frozen base') / 2**20:.2f} MiB")
+    assert result.estimate.get("frozen base") == teacher_bytes  # the student trains whole: frozen = the teacher
+    assert 0.8 < result.estimate.total / result.compiled["peak"] < 1.2, result.table()
