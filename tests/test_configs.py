@@ -32,6 +32,12 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("path,arg", CASES, ids=[f"{os.path.basename(p)}:{a}" for p, a in CASES])
 def test_config_parses_and_its_state_passes_eval_shape(path, arg):
     config = config_lib.load(f"{path}:{arg}" if arg else path)
+    if config.task == "distill" and not os.path.isdir(config.model.path):
+        # Its student and teacher are made by `jaxft demo --variant distill`: check the shapes on the
+        # bundled model, which both are cut from or tuned from.
+        from jaxft.demo import MODEL_DIR
+
+        config = config_lib.with_values(config, {"model.path": MODEL_DIR, "distill.teacher": MODEL_DIR})
     config_lib.validate(config)
     if config.model.path in presets.HF_CONFIGS:
         hf_config = presets.HF_CONFIGS[config.model.path]
@@ -39,6 +45,9 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
         with open(os.path.join(config.model.path, "config.json")) as f:
             hf_config = json.load(f)
     state = run_lib.abstract_training(config, hf_config).state
+    attached = {p: x for p, x in state.frozen.items() if p.startswith(("teacher.", "reference."))}  # not the base
+    state = state.replace(frozen={p: x for p, x in state.frozen.items() if p not in attached})
+    assert bool(attached) == (config.task == "distill" or (config.task == "dpo" and not config.lora.rank))
     every = {**state.params, **state.frozen}
     total = sum(int(np.prod(x.shape)) for p, x in every.items() if ".adapter." not in p)  # the base model
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
