@@ -26,6 +26,7 @@ Scripts print one JSON object each; results are committed under `results/` as
 | `hf_peft_baseline.py` | the same step in transformers + PEFT (torch, sdpa); `--objective dpo`: TRL's DPOTrainer loss |
 | `compare.py` | both of the above in one run, with the ratios |
 | `data.py` | tokenize + mask + pack tokens/s for chat data |
+| `rollout.py` | sampled tokens/s: jaxft's KV-cache generator vs transformers' generate (TRL GRPO without vLLM) |
 
 ## Results
 """
@@ -45,6 +46,10 @@ def summarize(name: str, r: dict) -> str:
         runs = ", ".join(f"{x['commit']} {x['peak_rss_bytes'] / 1e9:.2f} GB ({x['peak_rss_over_params']:.2f}× params)"
                          for x in r["exports"])
         return f"{r['checkpoint_bytes'] / 1e9:.2f} GB params, full FT: export peak RSS {runs}"
+    if kind == "rollout":
+        return (f"{r['preset']} {r['batch']} prompts × {r['new']} sampled tokens: jaxft {r['jaxft']['tokens_per_second']:,.0f} "
+                f"tok/s vs transformers generate {r['transformers']['tokens_per_second']:,.0f} "
+                f"({r['ratio_tokens_per_second']:.2f}×)")
     if kind == "train_compile":
         runs = ", ".join(f"{x['num_layers']} layers {x['compile_seconds']:.1f} s" for x in r["runs"])
         return f"compile {runs} (ratio {r['compile_ratio_deepest_vs_shallowest']:.2f})"

@@ -105,6 +105,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.distill.max_new_tokens = 32  # on-policy: the longest sampled completion
     c.distill.sampling_temperature = 1.0  # on-policy: 0 = greedy
 
+    # task=grpo: online RL from reward functions on prompt rows {"prompt": str | [messages], ...}; rollouts sampled
+    # from the params being trained (jaxft.tasks.grpo). data.seq_len = max_prompt_length + max_new_tokens.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.rewards = ()  # "path/to/file.py:function" | "package.module:function", called as TRL calls them
+    c.grpo.reward_weights = ()  # one per reward function (default: all 1)
+    c.grpo.num_generations = 8  # completions sampled per prompt (train.batch_size counts completions)
+    c.grpo.max_prompt_length = 256  # longer prompts keep their end
+    c.grpo.max_new_tokens = 64  # completion budget; EOS ends a completion sooner
+    c.grpo.temperature = 1.0  # sampling (0: greedy)
+    c.grpo.top_p = 1.0
+    c.grpo.top_k = 0
+    c.grpo.scale_rewards = "group"  # group | batch | none: what the advantages are divided by (std + 1e-4)
+    c.grpo.loss_type = "dapo"  # grpo | bnpo | dr_grpo | dapo: how per-token losses are averaged (as TRL)
+    c.grpo.beta = 0.0  # weight of the k3 KL to the reference (0: no reference at all)
+    c.grpo.epsilon = 0.2  # clipping of the ratio: [1 - epsilon, 1 + epsilon_high]
+    c.grpo.epsilon_high = ml_collections.FieldReference(None, field_type=float)  # None: epsilon
+    c.grpo.num_iterations = 1  # policy updates per rollout (TRL's μ); each is a step
+    c.grpo.mask_truncated_completions = False  # completions without EOS carry no loss
+    c.grpo.use_bias_correction_kl = True  # the KL term × the ratio (TRL's default; DeepSeek-V3.2)
+
     c.eval = ml_collections.ConfigDict()
     c.eval.task_file = ml_collections.FieldReference(None, field_type=str)  # JSONL {"prompt", "answer"}: exact match before/after
     c.eval.max_new_tokens = 16  # generation budget per task answer

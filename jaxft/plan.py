@@ -258,6 +258,7 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     ]
     # Full fine-tuning freezes nothing; an objective without vocabulary logits (a classifier) has none.
     rows = [row for row in rows if row[1] or not row[0].startswith(("frozen", "logits"))]
+    rows += parts.task.extra_memory(config, hf_config, sizes)  # e.g. GRPO's rollout KV cache
     from jaxft.models import attention as attn_lib
 
     implementation = fused or attn_lib.resolve_implementation(
@@ -283,7 +284,8 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
     batch = parts.task.batch_spec(config, micro)
 
     def forward(params, frozen, batch, rng):
-        return jax.vjp(lambda p: loss_fn(p, frozen, batch, 1.0, rng)[0], params)
+        normalizer = parts.objective.normalizer(batch)  # a count, or a dict of counts (ORPO, GRPO)
+        return jax.vjp(lambda p: loss_fn(p, frozen, batch, normalizer, rng)[0], params)
 
     closed, out_shape = jax.make_jaxpr(forward, return_shape=True)(state.params, state.frozen, batch, jax.random.key(0))
     outvars = closed.jaxpr.outvars

@@ -38,6 +38,20 @@ def plot_losses(workdir: str) -> str | None:
     path = os.path.join(workdir, "loss_curve.png")
     fig.savefig(path)
     plt.close(fig)
+    if any("reward" in r for r in train_rows):  # online RL (task=grpo): the reward is the curve to read
+        fig, ax = plt.subplots(figsize=(7, 3), dpi=110)
+        ax.plot([r["step"] for r in train_rows if "reward" in r], [r["reward"] for r in train_rows if "reward" in r],
+                label="mean reward of the step's rollouts", lw=1.2)
+        if any("eval_reward" in r for r in eval_rows):
+            ax.plot([r["step"] for r in eval_rows if "eval_reward" in r],
+                    [r["eval_reward"] for r in eval_rows if "eval_reward" in r], "o-", label="eval reward", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, "reward_curve.png"))
+        plt.close(fig)
     return path
 
 
@@ -64,6 +78,8 @@ def write_report(workdir: str, summary: dict) -> str:
     parts.append("</table>")
     if plot:
         parts.append("<h2>Loss</h2><img src='loss_curve.png' alt='loss curve' width='700'>")
+    if os.path.exists(os.path.join(workdir, "reward_curve.png")):
+        parts.append("<h2>Reward</h2><img src='reward_curve.png' alt='reward curve' width='700'>")
     task = summary.get("task")
     if task:
         before, after = task.get("before"), task.get("after")  # "after" is absent when a run stopped early

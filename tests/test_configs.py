@@ -95,7 +95,7 @@ CLASSIFY = os.path.join(ROOT, "configs", "classify_demo.py")
     (DEMO, ["--config.train.loss_chunk=24"], r"^train\.loss_chunk=24 does not divide data\.seq_len=64$"),
     (CLASSIFY, ["--config.train.z_loss=0.001"], r"^train\.z_loss=0\.001 is a term of the language-model loss"),
     (CLASSIFY, ["--config.train.loss_chunk=16"], r"^train\.loss_chunk=16 is a term of the language-model loss"),
-    (DEMO, ["--config.task=grpo"], r"^task 'grpo' must be causal_lm, classification, dpo, reward or distill$"),
+    (DEMO, ["--config.task=ppo"], r"^task 'ppo' must be causal_lm, classification, dpo, reward, distill or grpo$"),
 ])
 def test_validate_names_the_config_key(config_file, override, message):
     with pytest.raises(ValueError, match=message):

@@ -167,7 +167,7 @@ class JsonlSource(RowSource):
 class ParquetSource(RowSource):
     """Parquet files read with pyarrow (only the columns the format needs); origins `path row i`."""
 
-    def __init__(self, paths: list[str], columns: Sequence[str]):
+    def __init__(self, paths: list[str], columns: Sequence[str] | None):
         import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
         self.paths = paths
         self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
@@ -180,7 +180,7 @@ class ParquetSource(RowSource):
             present = pq.ParquetFile(handle).schema_arrow.names
             if hasattr(handle, "seek"):
                 handle.seek(0)
-            wanted = [c for c in columns if c in present]
+            wanted = present if columns is None else [c for c in columns if c in present]  # None: every column
             # Reading no columns still gives the row count, so every row can report the missing field.
             self._tables.append(pq.read_table(handle, columns=wanted))
         self._files = _MultiFile(paths, [t.num_rows for t in self._tables])

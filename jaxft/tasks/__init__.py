@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 # Built-in objectives: name -> the module whose TASK it is (imported on first use).
 _BUILTIN = {"causal_lm": "jaxft.tasks.causal_lm", "classification": "jaxft.tasks.classification",
-            "dpo": "jaxft.tasks.dpo", "reward": "jaxft.tasks.reward", "distill": "jaxft.tasks.distill"}
+            "dpo": "jaxft.tasks.dpo", "reward": "jaxft.tasks.reward", "distill": "jaxft.tasks.distill",
+            "grpo": "jaxft.tasks.grpo"}
 _REGISTERED: dict[str, "Task"] = {}
 
 

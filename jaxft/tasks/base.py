@@ -105,6 +105,11 @@ class Task:
         """{key: jax.ShapeDtypeStruct} of a train batch of `rows` rows, as data() yields them."""
         raise NotImplementedError
 
+    def extra_memory(self, config, hf_config: dict, sizes: dict[str, int]) -> list[tuple[str, int, str]]:
+        """Per-device bytes the objective needs beyond the train step's, as jaxft plan rows
+        (what, bytes, detail): e.g. the KV cache of GRPO's rollouts."""
+        return []
+
     def num_tokens(self, batch: dict[str, np.ndarray]) -> int:
         """Tokens in a host batch, for tokens/s and MFU."""
         return int(np.sum(batch["attention_mask"]))
@@ -149,3 +154,18 @@ def need(ok: bool, message: str) -> None:
     """validate()'s assertion: a ValueError with the message when `ok` is false."""
     if not ok:
         raise ValueError(message)
+
+
+def frozen_copy(model):
+    """`model` with a frozen copy of itself attached as `reference`, its own arrays (sharded like
+    the params by their axes): the reference of full fine-tuning (DPO, GRPO). Tasks exclude
+    "reference." from the trained params; a resumed run rebuilds it from the base."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    reference = nnx.clone(model)
+    for _, variable in nnx.iter_graph(reference):
+        if isinstance(variable, nnx.Param):
+            variable.set_value(jnp.copy(variable[...]))
+    model.reference = reference
+    return model

@@ -40,13 +40,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxft import sharding
 from jaxft.data.preference import PreferenceData
 from jaxft.losses import masked_log_prob_sums
 from jaxft.models import layers
-from jaxft.tasks.base import Task, need
+from jaxft.tasks.base import Task, frozen_copy, need
 
 log = logging.getLogger("jaxft.tasks.dpo")
 
@@ -200,13 +199,7 @@ class DPO(Task):
 
     def attach(self, model, config, *, training: bool, mesh=None, abstract: bool = False):
         if training and reference_mode(config) == "copy":
-            # Full fine-tuning: the reference is the initial model, frozen, with its own arrays
-            # (sharded like the params, by their axes); it is rebuilt from the base on resume.
-            reference = nnx.clone(model)
-            for _, variable in nnx.iter_graph(reference):
-                if isinstance(variable, nnx.Param):
-                    variable.set_value(jnp.copy(variable[...]))
-            model.reference = reference
+            return frozen_copy(model)  # full fine-tuning: the initial model, frozen
         return model
 
     def trainable(self, predicate):

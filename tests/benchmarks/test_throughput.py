@@ -50,3 +50,10 @@ def test_readme_table_regenerates(tmp_path):
     assert table == open(os.path.join(ROOT, "benchmarks", "README.md")).read(), "run benchmarks/make_readme.py"
     for name in os.listdir(os.path.join(ROOT, "benchmarks", "results")):
         assert name in table
+
+
+def test_rollout_benchmark_runs_both_sides():
+    result = run("rollout.py", "--preset", "tiny", "--batch", "2", "--new", "3", "--runs", "1")
+    assert result["jaxft"]["tokens_per_second"] > 0 and result["transformers"]["tokens_per_second"] > 0
+    assert result["ratio_tokens_per_second"] == pytest.approx(
+        result["jaxft"]["tokens_per_second"] / result["transformers"]["tokens_per_second"])

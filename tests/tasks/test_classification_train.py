@@ -128,7 +128,7 @@ def test_a_bad_label_names_its_file_line_and_value(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.task=regression", "task .regression. must be causal_lm, classification, dpo, reward or distill"),
+    ("--config.task=regression", "task .regression. must be causal_lm, classification, dpo, reward, distill or grpo"),
     ("--config.classification.labels=('only',)", "classification.labels must be >= 2 distinct label names"),
     (f"--config.eval.task_file={CONFIG}", "eval.task_file .* does not apply to task=classification"),
     ("--config.data.validation_fraction=0.1", "data.validation_fraction and data.stages are for causal_lm"),
