@@ -228,6 +228,13 @@ def test_resume_repeats_the_completions_and_losses(tmp_path):
     for a, b in zip(rows("a"), rows("b"), strict=True):
         for key in ("loss", "reward", "completions/mean_length", "kl"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    for name in ("a", "b"):  # num_iterations=2: steps 1-2 and 3-4 train on one rollout each (b's 4 from its checkpoint)
+        by_step = {r["step"]: r for r in rows(name)}
+        for first in (1, 3):
+            for key in ("reward", "completions/mean_length", "sampling/tokens_per_second"):
+                assert by_step[first][key] == by_step[first + 1][key], (name, first, key)
+        assert by_step[1]["reward"] != by_step[3]["reward"] or by_step[1]["completions/mean_length"] != \
+            by_step[3]["completions/mean_length"]  # and a new rollout per group
 
 
 def test_greedy_rollouts_on_a_data8_mesh_equal_one_device():
