@@ -131,6 +131,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.patience = 0  # early stopping: evaluations without eval-loss improvement (0 = off)
     c.eval.samples = 8  # generations shown in the report
     c.eval.at_start = False  # also evaluate before the first step (the report then shows before / after)
+    c.eval.early_stopping_metric = "eval_loss"  # the eval metric early stopping and checkpoint.keep_best watch
+    # (lower is better), e.g. "eval_loss/<name>" of a named data.validation source
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full fine-tuning

@@ -30,6 +30,9 @@ def plot_losses(workdir: str) -> str | None:
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss", lw=1.2)
     if eval_rows:
         ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval loss", lw=1.5)
+        for key in sorted({k for r in eval_rows for k in r if k.startswith("eval_loss/")}):  # named validation sources
+            steps = [r["step"] for r in eval_rows if key in r]
+            ax.plot(steps, [r[key] for r in eval_rows if key in r], ".--", label=key.replace("eval_", "eval "), lw=1.0)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

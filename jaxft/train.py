@@ -115,7 +115,8 @@ def train(config) -> dict[str, Any]:
             if (config.train.eval_every and step_index % config.train.eval_every == 0) or at_end:
                 scores = task.evaluate(training.eval_step, state.params, state.frozen, data, mesh)
                 if scores is not None:
-                    eval_loss = last_eval = scores["eval_loss"]
+                    last_eval = scores["eval_loss"]
+                    eval_loss = _watched(scores, config.eval.early_stopping_metric)
                     report["eval"] = scores
                     writer.eval(step_index, scores)
                     early_stop = stopper.update(eval_loss) and not at_end
@@ -146,6 +147,13 @@ def train(config) -> dict[str, Any]:
     if jax.process_index() == 0:
         write_report(workdir, report)
     return report
+
+
+def _watched(scores: dict, metric: str) -> float:
+    """The eval metric that early stopping and the best checkpoint follow (eval.early_stopping_metric)."""
+    if metric not in scores:
+        raise KeyError(f"eval.early_stopping_metric {metric!r} is not one of this run's eval metrics {sorted(scores)}")
+    return scores[metric]
 
 
 def _exact_match(training, state, tokenizer, questions, config) -> dict:

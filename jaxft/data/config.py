@@ -34,7 +34,8 @@ class DataDefaults:
     """Every `data.*` key with its default. One comment per field says what it means."""
 
     train: Any = None                  # source spec, or a list of them (see module docstring)
-    validation: Any = None             # its own source spec(s); or use validation_fraction
+    validation: Any = None             # its own source spec(s), or {name: spec} (eval_loss/<name> each); or
+                                       # use validation_fraction
     validation_fraction: float = 0.0   # hold out this fraction of each training source's rows
     format: str = "text"               # text | prompt_completion | chat | preference (pairs: task=dpo/reward)
     seq_len: int = 2048                # tokens per packed/padded row (model inputs)
@@ -104,6 +105,7 @@ class DataSettings:
 
     stages: tuple             # Stage, ...  (one stage unless data.stages is set)
     validation: tuple         # SourceSpec, ... (empty: none, or validation_fraction)
+    validation_names: tuple   # one name per validation source ({name: spec}), or () when unnamed
     validation_fraction: float
     format: str
     seq_len: int
@@ -217,8 +219,14 @@ def resolve(config: Any, *, process_index: int | None = None,
     stages = _parse_stages(values)
     if values["validation"] is not None and values["validation_fraction"] > 0:
         raise DataError("set data.validation or data.validation_fraction, not both")
-    validation = tuple(_parse_sources(values["validation"], "data.validation")) \
-            if values["validation"] is not None else ()
+    validation_spec, names = values["validation"], ()
+    if isinstance(validation_spec, Mapping) and "path" not in validation_spec:  # {name: spec}: evaluated apart
+        names = tuple(str(n) for n in validation_spec)
+        for name in names:
+            if not name or "/" in name:
+                raise DataError(f"data.validation: source name {name!r} must be non-empty and have no '/'")
+        validation_spec = list(validation_spec.values())
+    validation = tuple(_parse_sources(validation_spec, "data.validation")) if validation_spec is not None else ()
 
     template = values["chat_template"]
     if template is not None:
@@ -231,7 +239,7 @@ def resolve(config: Any, *, process_index: int | None = None,
                 template = f.read()
 
     return DataSettings(
-            stages=stages, validation=validation,
+            stages=stages, validation=validation, validation_names=names,
             validation_fraction=float(values["validation_fraction"]), format=fmt,
             seq_len=int(values["seq_len"]), packing=values["packing"], shuffle=values["shuffle"],
             fields=tuple((k, values[k]) for k in FIELD_KEYS), margin_field=values["margin_field"], roles=roles,

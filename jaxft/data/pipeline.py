@@ -90,6 +90,10 @@ class DataPipeline:
             raise DataError(f"validation: no examples left after filtering: "
                                             f"{self.validation_report.summary()}")
         self._validation = [d for d in validation_docs if len(d)]
+        # {name: its docs} when data.validation names its sources (eval_loss/<name> each).
+        self._named_validation = {name: docs for name, docs in zip(s.validation_names, validation_docs[-len(s.validation):])
+                                  if len(docs)} if s.validation_names else {}
+        self._named_batches: dict[str, list] = {}
         self._validation_batches = None
 
         log.info("data %s", self.train_report.summary())
@@ -183,27 +187,37 @@ class DataPipeline:
 
     # ---- validation batches ----------------------------------------------------------------------
 
-    def validation_batches(self) -> list[dict] | None:
-        """All validation data, packed in order; every host gets the same number of batches
-        (padded with empty rows, loss_mask 0). None when no validation data is configured."""
+    def validation_batches(self, name: str | None = None) -> list[dict] | None:
+        """All validation data (or the source called `name`), packed in order; every host gets the
+        same number of batches (padded with empty rows, loss_mask 0). None without validation data."""
         if not self._validation:
             return None
+        if name is not None:
+            if name not in self._named_batches:
+                self._named_batches[name] = self._batches([self._named_validation[name]])
+            return self._named_batches[name]
         if self._validation_batches is None:
-            s = self.settings
-            examples = grain.MapDataset.concatenate([grain.MapDataset.source(d) for d in self._validation])
-            examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=1))
-            if s.packing:
-                rows = list(packing.pack(examples, s.seq_len, s.packing_bins or 16))
-            else:
-                rows = [packing.pad(example, s.seq_len) for example in examples]
-            per_host = math.ceil(len(rows) / s.process_count)
-            mine = rows[s.process_index::s.process_count]
-            batch = s.host_batch_size
-            num_batches = math.ceil(per_host / batch)
-            mine += [packing.empty_row(s.seq_len)] * (num_batches * batch - len(mine))
-            self._validation_batches = [packing.stack(mine[i:i + batch])
-                                                                    for i in range(0, len(mine), batch)]
+            self._validation_batches = self._batches(self._validation)
         return self._validation_batches
+
+    def validation_names(self) -> list[str]:
+        """The names of data.validation's sources when it names them ({name: spec}), else []."""
+        return list(self._named_validation)
+
+    def _batches(self, docs: list) -> list[dict]:
+        s = self.settings
+        examples = grain.MapDataset.concatenate([grain.MapDataset.source(d) for d in docs])
+        examples = examples.to_iter_dataset(grain.ReadOptions(num_threads=1))
+        if s.packing:
+            rows = list(packing.pack(examples, s.seq_len, s.packing_bins or 16))
+        else:
+            rows = [packing.pad(example, s.seq_len) for example in examples]
+        per_host = math.ceil(len(rows) / s.process_count)
+        mine = rows[s.process_index::s.process_count]
+        batch = s.host_batch_size
+        num_batches = math.ceil(per_host / batch)
+        mine += [packing.empty_row(s.seq_len)] * (num_batches * batch - len(mine))
+        return [packing.stack(mine[i:i + batch]) for i in range(0, len(mine), batch)]
 
 
 class BatchIterator:

@@ -80,8 +80,15 @@ class CausalLM(Task):
         return jax.jit(eval_step)
 
     def evaluate(self, eval_step, params, frozen, data, mesh) -> dict | None:
+        """eval_loss and perplexity over all validation data; with named sources ({name: spec}),
+        eval_loss/<name> of each too."""
         loss = evaluate.eval_loss(eval_step, params, frozen, data.validation_batches(), mesh)
-        return None if loss is None else {"eval_loss": loss, "eval_perplexity": evaluate.perplexity(loss)}
+        if loss is None:
+            return None
+        scores = {"eval_loss": loss, "eval_perplexity": evaluate.perplexity(loss)}
+        for name in data.validation_names():
+            scores[f"eval_loss/{name}"] = evaluate.eval_loss(eval_step, params, frozen, data.validation_batches(name), mesh)
+        return scores
 
 
 TASK = CausalLM()
