@@ -8,6 +8,7 @@
     jaxft generate --model PATH --prompt "..."  # greedy continuation
     jaxft plan --config configs/llama3_8b_lora.py:h100 --device v5e   # will it fit? from shapes alone
     jaxft make-student --model PATH --layers 2 --out OUT   # the first layers of a model (task=distill)
+    jaxft sweep --config configs/demo.py --space 'train.learning_rate=loguniform(1e-5,1e-2)' --trials 8 --workdir S
 """
 
 from __future__ import annotations
@@ -225,6 +226,26 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_sweep(args, overrides: list[str]) -> int:
+    """Optuna over ordinary runs: see jaxft/sweep.py."""
+    from jaxft import sweep
+
+    if args.show:
+        return sweep.show(args.workdir)
+    if not args.config or not args.space:
+        raise ValueError("jaxft sweep needs --config and at least one --space (or --show)")
+    definition = sweep.Sweep(workdir=args.workdir, config_spec=args.config, overrides=tuple(overrides),
+                             space=tuple(args.space), metric=args.metric, direction=args.direction, pruner=args.pruner,
+                             seed=args.seed)
+    summary = sweep.run(definition, args.trials, parallel=args.parallel)
+    best = summary["best"]
+    if best:
+        print(f"best: trial {best['trial']}, {best['metric']} {best['value']:.4f} with {best['params']}")
+        print(f"  {best['command']}")
+    print(f"report: {args.workdir}/report.html")
+    return 0
+
+
 def cmd_make_student(args) -> int:
     from jaxft.student import first_layers
 
@@ -277,6 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--compile", action="store_true", help="also compile the step and show XLA's count (small models)")
     plan.set_defaults(run=cmd_plan)
 
+    sweep = commands.add_parser("sweep", help="hyperparameter search (Optuna): trials are ordinary runs in SWEEP/trial-NNN")
+    sweep.add_argument("--config", help="a config file (get_config(arg)), optionally :ARG")
+    sweep.add_argument("--space", action="append", default=[], help="KEY=DIST(ARGS): uniform, loguniform, int, choice, fixed")
+    sweep.add_argument("--trials", type=int, default=10, help="finished trials to reach (the study continues)")
+    sweep.add_argument("--metric", default="eval_loss", help="an eval row metric")
+    sweep.add_argument("--direction", default="minimize", choices=["minimize", "maximize"])
+    sweep.add_argument("--parallel", type=int, default=1, help="trials at once, each on its share of the devices")
+    sweep.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    sweep.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    sweep.add_argument("--workdir", required=True)
+    sweep.add_argument("--show", action="store_true", help="print the trials table of SWEEP and stop")
+    sweep.set_defaults(run=cmd_sweep)
+
     student = commands.add_parser("make-student", help="a smaller student for task=distill: the first N decoder "
                                                        "layers of an HF folder, with its tokenizer")
     student.add_argument("--model", required=True, help="an HF folder (safetensors)")
@@ -302,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=cmd_generate)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "eval", "demo", "plan"):
+    if args.command in ("train", "eval", "demo", "plan", "sweep"):
         unknown = [a for a in extra if not a.startswith("--config.")]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")

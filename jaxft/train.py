@@ -76,7 +76,7 @@ def train(config) -> dict[str, Any]:
     writer = MetricsWriter(workdir, config.train.steps, start_step, use_wandb=config.train.wandb,
                            flops_per_token=run_lib.flops_per_token(training, config), config=meta["config"])
     questions = evaluate.read_task(config.eval.task_file) if config.eval.task_file else None
-    report: dict[str, Any] = {"model": source.repo_id or source.path, "resumed_from": start_step}
+    report: dict[str, Any] = {"model": source.repo_id or source.path, "resumed_from": start_step, "devices": mesh.size}
     if questions and start_step == 0:
         report["task"] = {"before": _exact_match(training, state, tokenizer, questions, config)}
         writer.eval(0, {"task_exact_match": report["task"]["before"]["exact_match"]})
