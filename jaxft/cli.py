@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -177,6 +178,8 @@ def cmd_eval(args, overrides: list[str]) -> int:
     from jaxft import evaluate, sharding, step, tasks
     from jaxft import run as run_lib
 
+    if args.lm_eval:
+        return _lm_eval(args)
     config = config_lib.load(args.config, overrides) if args.config else config_lib.default_config()
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     if args.workdir:
@@ -218,6 +221,53 @@ def cmd_plan(args, overrides: list[str]) -> int:
     return 1 if result.fits is False else 0
 
 
+def _lm_eval(args) -> int:
+    """lm-evaluation-harness tasks on a run's checkpoint (adapters unmerged, on the run's mesh shape)
+    or an HF folder (on all devices, data-parallel); results in WORKDIR/lm_eval/ (or --out)."""
+    import json
+
+    try:
+        from jaxft import harness
+    except ImportError as e:
+        raise ImportError(f"jaxft eval --lm-eval needs lm-evaluation-harness: pip install 'jaxft[eval]' ({e})") from None
+    from jaxft import report, sharding
+    from jaxft import run as run_lib
+    from jaxft.hf import read_config
+
+    if args.workdir:
+        config = run_lib.saved_config(args.workdir, args.step)
+        mesh = sharding.make_mesh(dict(config.mesh.shape))
+        trained = run_lib.restore(args.workdir, args.step, mesh=mesh)
+        if trained.task.name in ("classification", "reward"):
+            raise ValueError(f"{args.workdir} trained task={trained.task.name}: lm-eval needs a causal LM")
+        model, model_path = trained.model(), trained.meta["base"]["path"]
+        out = args.out or os.path.join(args.workdir, "lm_eval")
+    else:
+        if not args.model:
+            raise ValueError("jaxft eval --lm-eval needs --workdir or --model")
+        mesh = sharding.make_mesh({"data": -1})
+        import jaxft
+
+        model_path = args.model
+        model = jaxft.from_pretrained(model_path, dtype=args.dtype, mesh=mesh)
+        model_path = model.source.path  # a hub id's local snapshot
+        out = args.out or os.path.join("lm_eval", os.path.basename(os.path.normpath(args.model)))
+    lm = harness.JaxftLM(model, _tokenizer(model_path), mesh, batch_size=args.batch_size, max_length=args.max_length,
+                         hf_config=read_config(model_path))
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    results = harness.evaluate(lm, tasks, include=args.lm_eval_include, limit=args.limit,
+                               num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template, out_dir=out)
+    table = harness.summary_table(results)
+    for row in table:
+        stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+        print(f"{row['task']:<24} {row['metric']:<16} {row['filter']:<12} {row['value']:.4f}{stderr}")
+    print(f"results: {out}/results.json")
+    if args.workdir and os.path.exists(os.path.join(args.workdir, "report.json")):  # the run's report gains the table
+        summary = json.load(open(os.path.join(args.workdir, "report.json")))
+        report.write_report(args.workdir, {**summary, "lm_eval": table})
+    return 0
+
+
 def cmd_export(args) -> int:
     from jaxft import export
 
@@ -228,6 +278,10 @@ def cmd_export(args) -> int:
 
 def cmd_sweep(args, overrides: list[str]) -> int:
     """Optuna over ordinary runs: see jaxft/sweep.py."""
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ImportError("jaxft sweep needs Optuna: pip install 'jaxft[sweep]'") from None
     from jaxft import sweep
 
     if args.show:
@@ -270,6 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--step", type=int, default=None)
     evaluate.add_argument("--task-file", help="JSONL of {prompt, answer} for exact match")
     evaluate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    evaluate.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness tasks, comma-separated "
+                                                             "(pip install 'jaxft[eval]')")
+    evaluate.add_argument("--lm-eval-include", metavar="DIR", help="a folder of your own lm-eval task YAMLs")
+    evaluate.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction)")
+    evaluate.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="lm-eval: rows per scoring/generation batch")
+    evaluate.add_argument("--max-length", type=int, default=None, help="lm-eval: context window (default: the model's)")
+    evaluate.add_argument("--apply-chat-template", action="store_true", help="lm-eval: render with the chat template")
+    evaluate.add_argument("--out", help="lm-eval: results folder (default WORKDIR/lm_eval)")
     evaluate.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="write a run's checkpoint as an HF folder or a PEFT adapter")

@@ -88,15 +88,17 @@ def _generate_recomputed(model, tokens, lengths, key, eos_id, max_new_tokens: in
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int = -1, pad_id: int = 0,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             use_cache: bool = True) -> list[list[int]]:
-    """Each prompt's continuation (without the prompt), ending at `eos_id` (included) if it comes."""
+             use_cache: bool = True, pad_to: int = 0) -> list[list[int]]:
+    """Each prompt's continuation (without the prompt), ending at `eos_id` (included) if it comes.
+    pad_to: left-pad the prompts to at least this many tokens (so that batches of different prompt
+    lengths share one compiled shape)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (an empty prompt has nothing to continue)")
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     sampling = (float(temperature), int(top_k), float(top_p))
     if use_cache:
-        longest = max(len(p) for p in prompts)
+        longest = max(pad_to, *(len(p) for p in prompts))
         tokens = np.full((len(prompts), longest), pad_id, np.int32)
         mask = np.zeros((len(prompts), longest), np.int32)
         for row, prompt in enumerate(prompts):

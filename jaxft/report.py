@@ -100,6 +100,7 @@ def write_report(workdir: str, summary: dict) -> str:
         parts.append("</table>")
     parts += _eval_before_after(summary.get("eval_before"), summary.get("eval"))
     parts += _examples(summary.get("examples") or {})
+    parts += _lm_eval(summary.get("lm_eval") or [])
     path = os.path.join(workdir, "report.html")
     with open(path, "w") as f:
         f.write("\n".join(parts))
@@ -115,6 +116,20 @@ def _eval_before_after(before: dict | None, after: dict | None) -> list[str]:
     for key, value in before.items():
         later = (after or {}).get(key)
         parts.append(f"<tr><th>{e(key)}</th><td>{value:.4f}</td><td>{'' if later is None else f'{later:.4f}'}</td></tr>")
+    return parts + ["</table>"]
+
+
+def _lm_eval(rows: list[dict]) -> list[str]:
+    """`jaxft eval --lm-eval` on this run: one row per task and metric (jaxft.harness.summary_table)."""
+    if not rows:
+        return []
+    e = html.escape
+    parts = ["<h2>lm-evaluation-harness</h2><table><tr><th>task</th><th>metric</th><th>filter</th><th>value</th>"
+             "<th>stderr</th><th>examples</th></tr>"]
+    for r in rows:
+        stderr = "" if r.get("stderr") is None else f"{r['stderr']:.4f}"
+        parts.append(f"<tr><td>{e(r['task'])}</td><td>{e(r['metric'])}</td><td>{e(r['filter'])}</td>"
+                     f"<td>{r['value']:.4f}</td><td>{stderr}</td><td>{e(str(r.get('samples') or ''))}</td></tr>")
     return parts + ["</table>"]
 
 

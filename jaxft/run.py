@@ -219,6 +219,12 @@ def restore_training(workdir: str, step_index: int | None = None, mesh=None) -> 
     return training, found
 
 
+def saved_config(workdir: str, step_index: int | None = None):
+    """The config a run's checkpoint was trained with (to build its mesh before restoring onto it)."""
+    with _reading(workdir) as checkpointer:
+        return _checked_meta(checkpointer, workdir, step_index)[0]
+
+
 @contextlib.contextmanager
 def _reading(workdir: str):
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
