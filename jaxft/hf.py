@@ -3,7 +3,9 @@
 Weights are read lazily from safetensors files: a tensor, or the rows of it that one device needs,
 is read with `pread` straight into the buffer that will hold it, never the whole file. (The
 safetensors package writes our files; for reading we parse its 8-byte-length + JSON header ourselves,
-because its numpy reader always returns a fresh copy, which would double the bytes touched.) PyTorch pickles (`*.bin`, `*.pt`) can run
+because its numpy reader always returns a fresh copy, which would double the bytes touched. The header
+is checked at least as strictly as the safetensors library checks it, so that a crafted file is refused
+with its file and tensor named instead of loading another tensor's bytes.) PyTorch pickles (`*.bin`, `*.pt`) can run
 code when loaded, so they are refused unless the caller opts in, and then read with
 `torch.load(weights_only=True)`. `trust_remote_code` does not exist here: every family is ours.
 """
@@ -18,6 +20,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 from typing import Any, Iterable
 
@@ -36,8 +39,15 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8,
+    "BOOL": np.bool_,
 }
+# The safetensors library's limits (safetensors/src/tensor.rs): MAX_HEADER_SIZE, and shapes and offsets
+# are usize, so a byte count that does not fit 64 bits is an overflow there. numpy allows 64 dimensions.
+MAX_HEADER_BYTES = 100_000_000
+_USIZE = 2**64
+_MAX_NDIM = 64
+_TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,30 +58,161 @@ class _TensorEntry:
     offset: int  # absolute byte offset of the data in the file
 
 
-def _read_safetensors_header(path: str) -> dict[str, _TensorEntry]:
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100 * 2**20:
-            raise ValueError(f"{path}: safetensors header claims {length} bytes; the file is corrupt")
-        try:
-            header = json.loads(f.read(length))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: corrupt safetensors header: {e.msg}") from None
-    header.pop("__metadata__", None)
-    entries = {}
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() cut to one short line: names and values come from a file that may be hostile."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _strict_json(path: str, raw: bytes, what: str) -> Any:
+    """JSON as serde_json (the safetensors library's parser) reads it: UTF-8 only (Python's json would
+    also take UTF-16/32), no NaN/Infinity, no duplicate keys (Python keeps the last one silently), no
+    lone surrogate escapes; nesting too deep for Python's parser is an error, not a RecursionError."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 (byte {e.start} is {raw[e.start:e.start + 1]!r})") from None
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                raise ValueError(f"key {_short(key)} appears twice")
+            for string in (key, value) if isinstance(value, str) else (key,):
+                try:
+                    string.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"string {_short(string)} is not UTF-8 (a lone surrogate escape)") from None
+            obj[key] = value
+        return obj
+
+    def constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: {what} nests too deeply to be read") from None
+    except ValueError as e:  # from the hooks above, or an integer with too many digits
+        raise ValueError(f"{path}: {what}: {e}") from None
+
+
+def _pread(fd: int, size: int, offset: int, path: str) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            raise ValueError(f"{path}: the file ended at byte {offset} while its header was read (was it truncated?)")
+        chunks.append(chunk)
+        size, offset = size - len(chunk), offset + len(chunk)
+    return b"".join(chunks)
+
+
+def _is_uints(value: Any) -> bool:
+    # type() rather than isinstance(): JSON true/false are Python bools, which are ints.
+    return isinstance(value, list) and all(type(v) is int and 0 <= v < _USIZE for v in value)
+
+
+def _read_safetensors_header(path: str, fd: int) -> dict[str, _TensorEntry]:
+    """The tensors of the safetensors file open at `fd`, refusing every header the safetensors library
+    refuses (read_metadata and Metadata::validate in its tensor.rs), and a few more that it accepts: a
+    header not starting with '{', duplicate JSON keys, tensor entries with fields besides the three,
+    more than 64 dimensions.
+
+    No length or shape from the file is trusted before it is checked against the file's size, so a
+    crafted file cannot make this allocate more than its header's bytes (at most MAX_HEADER_BYTES)."""
+    size = os.fstat(fd).st_size
+    if size < 8:
+        raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte header length)")
+    (length,) = struct.unpack("<Q", _pread(fd, 8, 0, path))
+    if length > MAX_HEADER_BYTES:
+        raise ValueError(f"{path}: header length {length} is over the safetensors limit of {MAX_HEADER_BYTES} bytes")
+    if 8 + length > size:
+        raise ValueError(f"{path}: header length {length} runs past the end of the file ({size} bytes)")
+    raw = _pread(fd, length, 8, path)
+    # The library reserves InvalidHeaderStart for this; checking it also makes "the header is an object" plain.
+    if not raw.startswith(b"{"):
+        raise ValueError(f"{path}: header does not start with '{{' (it starts with {raw[:8]!r})")
+    header = _strict_json(path, raw, "header")
+    metadata = header.pop("__metadata__", None)  # null is what the library reads as "no metadata"
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: '__metadata__' must map strings to strings, got {_short(metadata)}")
+    entries, spans = {}, []
     for key, info in header.items():
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end - start != int(np.prod(shape)) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {key!r} {list(shape)} {info['dtype']} has {end - start} bytes")
-        entries[key] = _TensorEntry(os.path.basename(path), dtype, shape, 8 + length + start)
+        entry, begin, end = _tensor_entry(path, key, info, 8 + length)
+        entries[key] = entry
+        spans.append((begin, end, key))
+    _check_layout(path, spans, size - 8 - length, length)
     return entries
+
+
+def _tensor_entry(path: str, key: str, info: Any, data_start: int) -> tuple[_TensorEntry, int, int]:
+    where = f"{path}: tensor {_short(key)}"
+    # Exactly these fields: the library ignores others, but a misspelt field is a broken writer.
+    if not isinstance(info, dict) or set(info) != _TENSOR_FIELDS:
+        fields = sorted(info) if isinstance(info, dict) else type(info).__name__
+        raise ValueError(f"{where}: expected the fields {sorted(_TENSOR_FIELDS)}, got {_short(fields)}")
+    dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"{where}: unsupported dtype {_short(dtype_name)} "
+                         f"(jaxft reads {', '.join(_SAFETENSORS_DTYPES)})")
+    if not _is_uints(shape):
+        raise ValueError(f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
+    if len(shape) > _MAX_NDIM:
+        raise ValueError(f"{where}: shape has {len(shape)} dimensions; at most {_MAX_NDIM} are supported")
+    if not (_is_uints(offsets) and len(offsets) == 2):
+        raise ValueError(f"{where}: data_offsets must be [begin, end], two non-negative integers, "
+                         f"got {_short(offsets)}")
+    begin, end = offsets
+    if begin > end:
+        raise ValueError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
+    dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+    nbytes = dtype.itemsize
+    for dim in shape:  # bounded at each step, as the library's checked_mul is
+        nbytes *= dim
+        if nbytes >= _USIZE:
+            raise ValueError(f"{where}: shape {_short(shape)} {dtype_name} overflows a 64-bit byte count")
+    if end - begin != nbytes:
+        raise ValueError(f"{where}: shape {shape} {dtype_name} is {nbytes} bytes, but data_offsets "
+                         f"[{begin}, {end}] hold {end - begin}")
+    return _TensorEntry(os.path.basename(path), dtype, tuple(shape), data_start + begin), begin, end
+
+
+def _check_layout(path: str, spans: list[tuple[int, int, str]], data_size: int, header_length: int) -> None:
+    """The library's rule: sorted by offsets, the tensors tile the data region exactly, each beginning
+    where the previous one ends and the last ending at the end of the file. So no two tensors share
+    bytes (one would read the other's weights), and no byte is unaccounted for."""
+    covered, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if end > data_size:
+            raise ValueError(f"{path}: tensor {_short(key)} data_offsets [{begin}, {end}] run past the data region of "
+                             f"{data_size} bytes (file size - 8 - header length {header_length})")
+        if begin < covered:
+            raise ValueError(f"{path}: tensor {_short(key)} data_offsets [{begin}, {end}] overlap tensor "
+                             f"{_short(previous[0])} [{previous[1]}, {previous[2]}]")
+        if begin > covered:
+            raise ValueError(f"{path}: bytes [{covered}, {begin}) of the data region belong to no tensor "
+                             f"(the next is tensor {_short(key)} at [{begin}, {end}])")
+        covered, previous = end, (key, begin, end)
+    if covered != data_size:
+        raise ValueError(f"{path}: the data region is {data_size} bytes but the tensors cover [0, {covered}): "
+                         f"the last {data_size - covered} bytes belong to no tensor")
+
+
+def _open_regular_file(path: str) -> int:
+    # O_NONBLOCK: a FIFO planted under a weights name must not hang the open (it is ignored for files).
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file")
+    return fd
+
+
+def _is_plain_file_name(name: str) -> bool:
+    return (name not in ("", ".", "..") and "\0" not in name and "\\" not in name
+            and os.path.basename(name) == name)
 
 
 class PickleCheckpointError(RuntimeError):
@@ -125,14 +266,23 @@ class Checkpoint(contextlib.AbstractContextManager):
         self._entries: dict[str, _TensorEntry] = {}
         self._fds: dict[str, int] = {}
         self._pickled: dict[str, np.ndarray] | None = None
-        safetensors_files = self._safetensors_files()
+        weight_map = self._read_index()
+        safetensors_files = (sorted(set(weight_map.values())) if weight_map is not None
+                             else self._unindexed_safetensors_files())
         if safetensors_files:
-            for name in safetensors_files:
-                for key, entry in _read_safetensors_header(os.path.join(folder, name)).items():
-                    if key in self._entries:
-                        raise ValueError(f"{folder}: key {key!r} is in both {self.files[key]} and {name}")
-                    self._entries[key], self.files[key], self.shapes[key] = entry, name, entry.shape
-                self._fds[name] = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                for name in safetensors_files:
+                    path = os.path.join(folder, name)
+                    self._fds[name] = fd = _open_regular_file(path)
+                    for key, entry in _read_safetensors_header(path, fd).items():
+                        if key in self._entries:
+                            raise ValueError(f"{folder}: key {_short(key)} is in both {self.files[key]} and {name}")
+                        self._entries[key], self.files[key], self.shapes[key] = entry, name, entry.shape
+                if weight_map is not None:
+                    self._check_index(weight_map)
+            except BaseException:
+                self.__exit__(None, None, None)  # a refused shard must not leak the descriptors opened before it
+                raise
             return
         pickles = sorted({os.path.basename(p) for pat in PICKLE_PATTERNS for p in glob.glob(os.path.join(folder, pat))})
         if not pickles:
@@ -144,16 +294,49 @@ class Checkpoint(contextlib.AbstractContextManager):
                 "them with torch.load(weights_only=True)")
         self._load_pickles(pickles)
 
-    def _safetensors_files(self) -> list[str]:
-        index = os.path.join(self.folder, SAFETENSORS_INDEX)
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            missing = sorted({n for n in weight_map.values() if not os.path.exists(os.path.join(self.folder, n))})
-            if missing:
-                raise FileNotFoundError(f"{index} names file(s) that are not there: {missing}")
-            return sorted(set(weight_map.values()))
-        if os.path.exists(os.path.join(self.folder, SAFETENSORS_SINGLE)):
+    def _read_index(self) -> dict[str, str] | None:
+        """model.safetensors.index.json's weight_map (tensor -> shard), None without an index.
+
+        Shards must be plain file names in this folder: a name like '../x' or '/x' would read weights
+        from anywhere on the machine."""
+        path = os.path.join(self.folder, SAFETENSORS_INDEX)
+        if not os.path.exists(path):
+            return None
+        fd = _open_regular_file(path)
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_HEADER_BYTES:  # a real index is a few hundred KB
+                raise ValueError(f"{path}: {size} bytes, over the {MAX_HEADER_BYTES}-byte limit for an index")
+            index = _strict_json(path, _pread(fd, size, 0, path), "index")
+        finally:
+            os.close(fd)
+        if not isinstance(index, dict) or "weight_map" not in index:
+            raise ValueError(f"{path}: expected an object with a 'weight_map' (tensor -> shard file), "
+                             f"got {_short(index)}")
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{path}: 'weight_map' must be a non-empty object (tensor -> shard file), "
+                             f"got {_short(weight_map)}")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not _is_plain_file_name(name):
+                raise ValueError(f"{path}: tensor {_short(key)} is mapped to {_short(name)}, which is not a plain file "
+                                 "name in this folder")
+            if not os.path.isfile(os.path.join(self.folder, name)):
+                raise ValueError(f"{path}: tensor {_short(key)} is mapped to {_short(name)}, "
+                                 f"which is not in {self.folder}")
+        return weight_map
+
+    def _check_index(self, weight_map: dict[str, str]) -> None:
+        # A tensor the index puts in a shard must be in that shard: transformers reads the index, so
+        # any disagreement means one of the two loaders would read something else.
+        for key, name in weight_map.items():
+            if self.files.get(key) != name:
+                where = f"it is in {self.files[key]}" if key in self.files else "no shard has it"
+                raise ValueError(f"{os.path.join(self.folder, SAFETENSORS_INDEX)}: tensor {_short(key)} is mapped to "
+                                 f"{name}, but that shard's header does not have it ({where})")
+
+    def _unindexed_safetensors_files(self) -> list[str]:
+        if os.path.lexists(os.path.join(self.folder, SAFETENSORS_SINGLE)):
             return [SAFETENSORS_SINGLE]
         return sorted(os.path.basename(p) for p in glob.glob(os.path.join(self.folder, "*.safetensors")))
 
