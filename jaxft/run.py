@@ -135,12 +135,22 @@ def build_training(config, mesh, source_path: str, tokenizer) -> Training:
     """The model (loaded onto `mesh`), its optimizer and train state, and the compiled steps."""
     task = tasks.get(config.task)
     model = load_model(config, task, source_path, mesh, tokenizer.pad_token_id)
+    check_vocab(tokenizer, model.config.vocab_size, source_path)
     parts = training_parts(model, config, task, mesh=mesh)
     compiled, state_shardings = step.compile_train_step(parts.train_step, parts.state, parts.optimizer,
                                                         parts.model_def, mesh)
     return Training(**{**vars(parts), "state": jax.device_put(parts.state, state_shardings)},
                     state_shardings=state_shardings, compiled_step=compiled,
                     eval_step=task.eval_step(parts.model_def, mesh, config))
+
+
+def check_vocab(tokenizer, vocab_size: int, source_path: str) -> None:
+    """Before anything compiles: a tokenizer with more tokens than the model has embedding rows
+    would index past the embedding (NaN loss from the first step that meets such a token)."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"{source_path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
+                         f"{vocab_size} (config.json): ids {vocab_size}..{len(tokenizer) - 1} have no embedding row; "
+                         "add the tokens to the model (resize its embedding) or use the model's own tokenizer")
 
 
 def saved_state(state) -> dict:

@@ -11,11 +11,14 @@ decided per batch exactly as transformers decides it (see `Rotary`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from jaxft.models.hf_config import Fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,26 +34,45 @@ class RopeConfig:
         return dict(self.params).get(name, default)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "RopeConfig":
-        """Reads transformers v5 `rope_parameters` or the v4 pair `rope_theta` + `rope_scaling`."""
-        if isinstance(hf.get("rope_parameters"), dict):
-            raw = dict(hf["rope_parameters"])
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json", max_position_embeddings: int | None = None,
+                field: str | None = None) -> "RopeConfig":
+        """Reads transformers v5 `rope_parameters` or the v4 pair `rope_theta` + `rope_scaling`,
+        checked as transformers checks them (`_KEYS`): a type's required keys must be there, with
+        values of the right type and range. As in transformers, a missing
+        original_max_position_embeddings (llama3, yarn, longrope) is `max_position_embeddings`.
+        `field` names the rope object in errors (default: the key it was read from)."""
+        top = Fields(hf, where)
+        parameters = top.object("rope_parameters")
+        if parameters is not None:
+            key, raw = "rope_parameters", dict(parameters)
             if raw and all(isinstance(v, dict) for v in raw.values()):
                 raise ValueError(f"{where}: per-layer-type rope_parameters {sorted(raw)} are not supported by this family")
         else:
-            raw = dict(hf.get("rope_scaling") or {})
-            raw.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = raw.pop("rope_type", None) or raw.pop("type", None) or "default"
-        raw.pop("type", None)
-        theta = float(raw.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        partial = float(raw.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)))
-        # Lists (LongRoPE's factors) become tuples: the config must stay hashable, hence jit-static.
-        raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+            key, raw = "rope_scaling", dict(top.object("rope_scaling") or {})
+        f = Fields(raw, where, prefix=f"{field or key}.")
+        rope_type = f.str("rope_type", None, null_ok=True) or f.str("type", None, null_ok=True) or "default"
+        # rope_theta and partial_rotary_factor: inside the rope object (v5) or beside it (v4).
+        theta = float((f if "rope_theta" in raw else top).number("rope_theta", 10000.0))
+        partial = float((f if "partial_rotary_factor" in raw else top).number("partial_rotary_factor", 1.0, at_most=1.0))
         if rope_type not in _INV_FREQ:
             raise ValueError(
                     f"{where}: rope type {rope_type!r} is not supported (supported: {sorted(_INV_FREQ)}); "
                     "'dynamic' rescales with the running length and cannot be fine-tuned faithfully")
-        return cls(theta=theta, rope_type=rope_type, params=tuple(sorted(raw.items())), partial_rotary_factor=partial)
+        required, optional = _KEYS[rope_type]
+        if ("original_max_position_embeddings" in required and raw.get("original_max_position_embeddings") is None
+                and max_position_embeddings is not None):
+            raw["original_max_position_embeddings"] = max_position_embeddings
+        params = {k: v for k, v in raw.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+        unknown = sorted(set(params) - set(required) - set(optional))
+        if unknown:
+            logging.warning("%s: ignoring %s%s for rope type %r (transformers ignores them too)", where,
+                            f.prefix, unknown, rope_type)
+        for name in (*required, *optional):
+            if name in required or raw.get(name) is not None:
+                params[name] = _check_param(f, rope_type, name, raw)
+        # Lists (LongRoPE's factors) become tuples: the config must stay hashable, hence jit-static.
+        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+        return cls(theta=theta, rope_type=rope_type, params=tuple(sorted(params.items())), partial_rotary_factor=partial)
 
     def to_hf(self) -> dict[str, Any]:
         """v4 keys (`rope_theta`, `rope_scaling`), which transformers v4 reads and v5 standardizes."""
@@ -139,6 +161,48 @@ def _longrope(rope: RopeConfig, dim: int, max_pos: int, long: bool = False) -> t
 
 
 _INV_FREQ = {"default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope}
+
+# (required, optional) keys of each supported rope type's object besides rope_type, rope_theta and
+# partial_rotary_factor: transformers' RotaryEmbeddingConfigMixin._validate_<type>_rope_parameters.
+_KEYS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "yarn": (("factor", "original_max_position_embeddings"),
+             ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("attention_factor", "factor")),
+    "llama3": (("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"), ()),
+}
+
+
+def _check_param(f: Fields, rope_type: str, name: str, raw: dict[str, Any]) -> Any:
+    """One key of a rope object, type- and range-checked; transformers refuses the missing ones and
+    warns about the rest, which here would give NaN (a factor of null, high = low frequency factor),
+    a crash, or RoPE unlike transformers'."""
+    need = lambda what: f"{rope_type} RoPE needs it ({what})"  # noqa: E731
+    if name == "factor":
+        return f.number(name, at_least=1.0, null_ok=rope_type == "longrope", need=need("a number >= 1"))
+    if name == "original_max_position_embeddings":
+        return f.int(name, need=need("a positive integer, the pre-training context length"))
+    if name == "low_freq_factor":
+        return f.number(name, need=need("a number > 0"))
+    if name == "high_freq_factor":
+        low = raw.get("low_freq_factor")
+        high = f.number(name, above=None, need=need("a number > low_freq_factor"))
+        if not high > low:
+            raise f.error(name, f"must be greater than low_freq_factor={low}, got {high}")
+        return high
+    if name in ("short_factor", "long_factor"):
+        return f.numbers(name, need=need("a list of numbers"))
+    if name == "attention_factor":
+        return f.number(name, null_ok=True)
+    if name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = f.number(name, above=None, null_ok=True)
+        if name == "beta_slow" and value is not None and (raw.get("beta_fast") or 32) < value:
+            raise f.error(name, f"must be less than beta_fast={raw.get('beta_fast') or 32}, got {value}")
+        return value
+    if name == "truncate":
+        return f.bool(name, True)
+    raise AssertionError(name)
 
 
 def inv_freq_and_scale(rope: RopeConfig, head_dim: int, max_position_embeddings: int) -> tuple[np.ndarray, float]:

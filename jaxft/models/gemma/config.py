@@ -66,34 +66,37 @@ class GemmaConfig(hf_config.Dimensions):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "GemmaConfig":
         model_type = hf_config.check(hf, "Gemma", MODEL_TYPES, _FIELDS, where)
-        if hf.get("use_bidirectional_attention"):
+        f = hf_config.Fields(hf, where)
+        if f.bool("use_bidirectional_attention", False):
             raise ValueError(f"{where}: use_bidirectional_attention=True (an encoder, not a causal LM) is not supported")
         defaults = _DEFAULTS[model_type]
-        if model_type == "gemma":
-            # transformers maps the legacy "gelu" of Gemma 1 configs to the tanh approximation.
-            activation = {"gelu": "gelu_pytorch_tanh"}.get(hf.get("hidden_act"), hf.get("hidden_act") or "gelu_pytorch_tanh")
-        else:
-            activation = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{where}: activation {activation!r} is not supported (supported: {sorted(ACTIVATIONS)})")
-        rope, local_rope = _ropes(hf, model_type, where)
+        # transformers maps the legacy "gelu" of Gemma 1 configs to the tanh approximation.
+        activation = hf_config.activation(hf, where, "hidden_act" if model_type == "gemma" else "hidden_activation",
+                                          "gelu_pytorch_tanh", ACTIVATIONS,
+                                          aliases={"gelu": "gelu_pytorch_tanh"} if model_type == "gemma" else None,
+                                          null_ok=True)
+        dims = hf_config.dimensions(hf, where)
+        common = hf_config.common(hf, where, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                  max_position_embeddings=defaults["max_position_embeddings"])
+        rope, local_rope = _ropes(hf, model_type, where, common["max_position_embeddings"])
+        later = model_type != "gemma"
         return cls(
             model_type=model_type,
-            **hf_config.dimensions(hf),
-            head_dim=hf.get("head_dim") or 256,  # transformers' default, not hidden / heads
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+            **dims,
+            **common,
+            # transformers' default 256, not hidden / heads; gemma2/3 configs refuse heads that do not divide hidden
+            head_dim=hf_config.head_dim(hf, where, default=256, divisible_because=(
+                f"transformers' {model_type} config requires it" if later else None)),
             activation=activation,
             rope=rope,
             local_rope=local_rope,
-            attention_bias=bool(hf.get("attention_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", defaults.get("query_pre_attn_scalar")),
-            attn_logit_softcapping=hf.get("attn_logit_softcapping", defaults.get("attn_logit_softcapping")),
-            final_logit_softcapping=hf.get("final_logit_softcapping", defaults.get("final_logit_softcapping")),
-            sliding_window=hf.get("sliding_window", defaults.get("sliding_window")),
-            layer_types=_layer_types(hf, model_type, hf["num_hidden_layers"], where),
-            token_ids=hf_config.token_ids(hf),
+            attention_bias=f.bool("attention_bias", False),
+            query_pre_attn_scalar=f.number("query_pre_attn_scalar", defaults["query_pre_attn_scalar"]) if later else None,
+            attn_logit_softcapping=f.number("attn_logit_softcapping", defaults.get("attn_logit_softcapping"), null_ok=True),
+            final_logit_softcapping=f.number("final_logit_softcapping", defaults.get("final_logit_softcapping"),
+                                             null_ok=True),
+            sliding_window=f.int("sliding_window", defaults.get("sliding_window"), null_ok=True),
+            layer_types=_layer_types(f, model_type, dims["num_hidden_layers"]),
         )
 
     def decoder_spec(self) -> DecoderSpec:
@@ -128,41 +131,44 @@ class GemmaConfig(hf_config.Dimensions):
         return out
 
 
-def _ropes(hf: dict[str, Any], model_type: str, where: str) -> tuple[RopeConfig, RopeConfig | None]:
+def _ropes(hf: dict[str, Any], model_type: str, where: str, max_position_embeddings: int
+           ) -> tuple[RopeConfig, RopeConfig | None]:
     """(global RoPE, gemma3's local RoPE): v5 nests rope_parameters by layer type; v4 configs give
     rope_theta + rope_scaling (global) and rope_local_base_freq."""
     if model_type != "gemma3_text":
-        return RopeConfig.from_hf(hf, where), None
-    nested = hf.get("rope_parameters")
+        return RopeConfig.from_hf(hf, where, max_position_embeddings), None
+    f = hf_config.Fields(hf, where)
+    nested = f.object("rope_parameters")
     if isinstance(nested, dict) and nested and all(isinstance(v, dict) or v is None for v in nested.values()):
         ropes = {}
         for layer_type, theta in _GEMMA3_THETA.items():
             raw = {"rope_type": "default", "rope_theta": theta, **(nested.get(layer_type) or {})}
-            if raw["rope_type"] in ("llama3", "yarn", "longrope"):  # as transformers fills it in
-                raw.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
-            ropes[layer_type] = RopeConfig.from_hf({"rope_parameters": raw}, f"{where} rope_parameters.{layer_type}")
+            ropes[layer_type] = RopeConfig.from_hf({"rope_parameters": raw}, where, max_position_embeddings,
+                                                   field=f"rope_parameters.{layer_type}")
         full, local = ropes[FULL], ropes[SLIDING]
     else:
-        full = RopeConfig.from_hf({"rope_theta": hf.get("rope_theta", _GEMMA3_THETA[FULL]),
-                                   "rope_scaling": hf.get("rope_scaling")}, where)
-        local = RopeConfig(theta=float(hf.get("rope_local_base_freq", _GEMMA3_THETA[SLIDING])))
+        full = RopeConfig.from_hf({"rope_theta": f.number("rope_theta", _GEMMA3_THETA[FULL]),
+                                   "rope_scaling": f.object("rope_scaling")}, where, max_position_embeddings)
+        local = RopeConfig(theta=float(f.number("rope_local_base_freq", _GEMMA3_THETA[SLIDING])))
     if local.rope_type != "default":
         raise ValueError(f"{where}: scaled RoPE ({local.rope_type!r}) on sliding-window layers is not supported")
     return full, local
 
 
-def _layer_types(hf: dict[str, Any], model_type: str, layers: int, where: str) -> tuple[str, ...]:
+def _layer_types(f: hf_config.Fields, model_type: str, layers: int) -> tuple[str, ...]:
+    where = f.where
     if model_type == "gemma":
         return ()
-    types = hf.get("layer_types")
+    types = f.strings("layer_types", None)
     if types is None:  # transformers' defaults: gemma2 alternates from a sliding layer; gemma3 has 5:1
-        period = 2 if model_type == "gemma2" else hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
-        types = [SLIDING if (i + 1) % period else FULL for i in range(layers)]
+        period = 2 if model_type == "gemma2" else (f.int("sliding_window_pattern", None, null_ok=True)
+                                                   or f.int("_sliding_window_pattern", None, null_ok=True) or 6)
+        types = tuple(SLIDING if (i + 1) % period else FULL for i in range(layers))
     if len(types) != layers:
         raise ValueError(f"{where}: layer_types has {len(types)} entries for num_hidden_layers={layers}")
     unknown = set(types) - {SLIDING, FULL}
     if unknown:
         raise ValueError(f"{where}: unknown layer_types {sorted(unknown)}")
-    if SLIDING in types and not hf.get("sliding_window", _DEFAULTS[model_type]["sliding_window"]):
+    if SLIDING in types and not f.int("sliding_window", _DEFAULTS[model_type]["sliding_window"], null_ok=True):
         raise ValueError(f"{where}: sliding_attention layers need a sliding_window")
-    return tuple(types)
+    return types

@@ -24,6 +24,11 @@ _FIELDS = {
     "attention_bias", "mlp_bias", "pretraining_tp", "hidden_act", "rms_norm_eps", "max_position_embeddings",
 }
 
+# head_dim when config.json gives none, and where hidden_size must divide by the heads regardless:
+# as each transformers config does (LlamaConfig.validate_architecture; Qwen3Config's default 128).
+_HEAD_DIM = {"llama": dict(divisible_because="transformers' llama config requires it"), "mistral": {},
+             "qwen2": {}, "qwen3": dict(default=128)}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig(hf_config.Dimensions):
@@ -42,7 +47,7 @@ class LlamaConfig(hf_config.Dimensions):
     # Kept only to write them back on export.
     token_ids: tuple[tuple[str, Any], ...] = ()
 
-    def __post_init__(self):  # head divisibility is the decoder's rule: DecoderSpec checks it
+    def __post_init__(self):  # config.json's values were checked by from_hf; DecoderSpec checks the heads again
         if not self.sliding_windows:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_hidden_layers)
         if len(self.sliding_windows) != self.num_hidden_layers:
@@ -51,26 +56,24 @@ class LlamaConfig(hf_config.Dimensions):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "LlamaConfig":
         model_type = hf_config.check(hf, "Llama", MODEL_TYPES, _FIELDS, where)
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        if hf.get("pretraining_tp", 1) not in (None, 1):
+        f = hf_config.Fields(hf, where)
+        hf_config.activation(hf, where, "hidden_act", "silu", ("silu",))
+        if f.int("pretraining_tp", 1, null_ok=True) not in (None, 1):
             raise ValueError(f"{where}: pretraining_tp={hf['pretraining_tp']} (sliced projections) is not supported")
-        layers, heads = hf["num_hidden_layers"], hf["num_attention_heads"]
-        attention_bias = bool(hf.get("attention_bias", False))
+        dims = hf_config.dimensions(hf, where)
+        common = hf_config.common(hf, where, rms_norm_eps=1e-6, max_position_embeddings=4096, tie_word_embeddings=False)
+        attention_bias = f.bool("attention_bias", False)
         return cls(
             model_type=model_type,
-            **hf_config.dimensions(hf),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
-            rope=RopeConfig.from_hf(hf, where),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),  # False in all four HF configs
+            **dims,
+            **common,
+            head_dim=hf_config.head_dim(hf, where, **_HEAD_DIM[model_type]),
+            rope=RopeConfig.from_hf(hf, where, common["max_position_embeddings"]),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=f.bool("mlp_bias", False),
             qk_norm=model_type == "qwen3",
-            sliding_windows=_sliding_windows(hf, model_type, layers, where),
-            token_ids=hf_config.token_ids(hf),
+            sliding_windows=_sliding_windows(f, model_type, dims["num_hidden_layers"]),
         )
 
     def decoder_spec(self) -> DecoderSpec:
@@ -97,16 +100,18 @@ class LlamaConfig(hf_config.Dimensions):
         return out
 
 
-def _sliding_windows(hf: dict[str, Any], model_type: str, layers: int, where: str) -> tuple[int | None, ...]:
-    window = hf.get("sliding_window")
+def _sliding_windows(f: hf_config.Fields, model_type: str, layers: int) -> tuple[int | None, ...]:
+    where = f.where
+    window = f.int("sliding_window", None, null_ok=True)
+    types = f.strings("layer_types", None)
     if model_type == "mistral":
         return (window,) * layers
     if model_type in ("qwen2", "qwen3"):
-        if not hf.get("use_sliding_window", False) or window is None:
+        start = f.int("max_window_layers", None, minimum=0, null_ok=True)
+        start = layers if start is None else start
+        if not f.bool("use_sliding_window", False) or window is None:
             return (None,) * layers
-        types = hf.get("layer_types")
         if types is None:  # transformers v4: layers from max_window_layers on use the window
-            start = hf.get("max_window_layers", layers)
             return tuple(window if i >= start else None for i in range(layers))
         if len(types) != layers:
             raise ValueError(f"{where}: layer_types has {len(types)} entries for num_hidden_layers={layers}")

@@ -46,23 +46,20 @@ class Phi3Config(hf_config.Dimensions):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], where: str = "config.json") -> "Phi3Config":
         hf_config.check(hf, "Phi-3", MODEL_TYPES, _FIELDS, where)
-        if hf["hidden_size"] % hf["num_attention_heads"]:
-            raise ValueError(f"{where}: hidden_size={hf['hidden_size']} is not a multiple of "
-                             f"num_attention_heads={hf['num_attention_heads']} (Phi-3's head_dim is their ratio)")
-        act = hf.get("hidden_act", "silu")
-        if act not in ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act {act!r} is not supported (supported: {sorted(ACTIVATIONS)})")
-        original = hf.get("original_max_position_embeddings", 4096)
+        f = hf_config.Fields(hf, where)
+        dims = hf_config.dimensions(hf, where)
+        hf_config.heads_divide_hidden(hf, where, "Phi-3's head_dim is their ratio")
+        head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+        act = hf_config.activation(hf, where, "hidden_act", "silu", ACTIVATIONS)
+        common = hf_config.common(hf, where, rms_norm_eps=1e-5, max_position_embeddings=4096, tie_word_embeddings=False)
+        original = f.int("original_max_position_embeddings", 4096)
         return cls(
-            **hf_config.dimensions(hf),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            **dims,
+            **common,
             original_max_position_embeddings=original,
             hidden_act=act,
-            rope=_rope(hf, original, where),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            sliding_window=hf.get("sliding_window"),
-            token_ids=hf_config.token_ids(hf),
+            rope=_rope(hf, original, head_dim, common["max_position_embeddings"], where),
+            sliding_window=f.int("sliding_window", None, null_ok=True),
         )
 
     def decoder_spec(self) -> DecoderSpec:
@@ -76,24 +73,25 @@ class Phi3Config(hf_config.Dimensions):
                 "sliding_window": self.sliding_window, **self.rope.to_hf()}
 
 
-def _rope(hf: dict[str, Any], original: int, where: str) -> RopeConfig:
+def _rope(hf: dict[str, Any], original: int, head_dim: int, max_position_embeddings: int, where: str) -> RopeConfig:
     """RoPE as transformers reads Phi-3: legacy types "su" and "yarn" mean longrope, and the top-level
     original_max_position_embeddings overrides the one in the rope dict."""
     hf = dict(hf)
-    key = "rope_parameters" if isinstance(hf.get("rope_parameters"), dict) else "rope_scaling"
-    raw = dict(hf.get(key) or {})
+    f = hf_config.Fields(hf, where)
+    key = "rope_parameters" if f.object("rope_parameters") is not None else "rope_scaling"
+    raw = dict(f.object(key) or {})
     kind = raw.pop("type", None) or raw.get("rope_type")
     if kind in ("su", "yarn", "longrope"):
         raw.update(rope_type="longrope", original_max_position_embeddings=original)
     elif kind is not None:
         raw["rope_type"] = kind
     hf[key] = raw or None
-    rope = RopeConfig.from_hf(hf, where)
+    rope = RopeConfig.from_hf(hf, where, max_position_embeddings)
     if rope.rope_type not in ("default", "longrope"):
         raise ValueError(f"{where}: Phi-3 rope type {rope.rope_type!r} is not supported (transformers accepts "
                          "only 'default' and 'longrope')")
     try:  # build the tables now: factors that do not fit head_dim fail here, naming the file
-        Rotary.build(rope, hf["hidden_size"] // hf["num_attention_heads"], hf.get("max_position_embeddings", 4096))
+        Rotary.build(rope, head_dim, max_position_embeddings)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
     return rope
