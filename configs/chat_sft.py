@@ -10,6 +10,9 @@ Rows: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]}
 from jaxft import config as config_lib
 
 
+ARGS = ()  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = ""):
     c = config_lib.default_config()
     c.workdir = "workdir/chat_sft"

@@ -4,4 +4,4 @@ The config lives in the package (jaxft/demo/config.py) so that `jaxft demo` work
 this file is the same config for `jaxft train --config configs/demo.py[:smoke]`.
 """
 
-from jaxft.demo.config import get_config  # noqa: F401
+from jaxft.demo.config import ARGS, get_config  # noqa: F401

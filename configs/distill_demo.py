@@ -12,4 +12,4 @@ The config lives in the package (jaxft/demo/distill.py), so that `jaxft demo --v
 works from any install; its docstring says what the teacher, student and data are.
 """
 
-from jaxft.demo.distill import get_config  # noqa: F401
+from jaxft.demo.distill import ARGS, get_config  # noqa: F401

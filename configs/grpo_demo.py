@@ -15,6 +15,9 @@ from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.grpo import GRPO_TRAIN, GRPO_VALID, REWARDS
 
 
+ARGS = ("smoke",)  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = ""):
     c = demo_config()  # the bundled model, LoRA
     c.workdir = "workdir/grpo_demo"

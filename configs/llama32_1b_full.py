@@ -9,6 +9,9 @@ all devices: 1.2B params × 16 bytes of weights + moments = 20 GB in all).
 from jaxft import config as config_lib
 
 
+ARGS = ()  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = ""):
     c = config_lib.default_config()
     c.workdir = "workdir/llama32_1b_full"

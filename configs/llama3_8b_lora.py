@@ -10,6 +10,9 @@ Hardware (the ARG):
 from jaxft import config as config_lib
 
 
+ARGS = ("v5e-8", "h100")  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = "v5e-8"):
     c = config_lib.default_config()
     c.workdir = "workdir/llama3_8b_lora"

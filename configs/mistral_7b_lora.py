@@ -8,6 +8,9 @@ Hardware: one H100 80 GB (default), or TPU v5e-8 / v4-8 with `:v5e-8`.
 from jaxft import config as config_lib
 
 
+ARGS = ("h100", "v5e-8")  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = "h100"):
     c = config_lib.default_config()
     c.workdir = "workdir/mistral_7b_lora"

@@ -10,6 +10,9 @@ import os
 from jaxft import config as config_lib
 
 
+ARGS = ("v5e-8", "h100")  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = "v5e-8"):
     c = config_lib.load(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"llama3_8b_lora.py:{arg}"))
     c.workdir = "workdir/qwen25_7b_lora"

@@ -73,8 +73,6 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args, overrides: list[str]) -> int:
     """The embedded default end to end: LoRA fine-tune of the bundled model, report, HF export, reload."""
-    import logging
-
     import jaxft
     from jaxft import config as config_lib
     from jaxft import evaluate, export
@@ -82,7 +80,6 @@ def cmd_demo(args, overrides: list[str]) -> int:
     from jaxft.report import read_metrics
     from jaxft.train import train
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.variant == "distill":
         return _demo_distill(args, overrides)
     config = get_config(args.variant)
@@ -147,13 +144,10 @@ def _demo_distill(args, overrides: list[str]) -> int:
 
 
 def cmd_train(args, overrides: list[str]) -> int:
-    import logging
-
     from jaxft import config as config_lib
     from jaxft.plan import DoesNotFitError
     from jaxft.train import train
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = config_lib.load(args.config, overrides)
     try:
         summary = train(config)
@@ -271,7 +265,8 @@ def _lm_eval(args) -> int:
 def cmd_export(args) -> int:
     from jaxft import export
 
-    out = export.export(args.workdir, args.out, format=args.format, step=args.step, dtype=args.dtype)
+    out = export.export(args.workdir, args.out, format=args.format, step=args.step, dtype=args.dtype,
+                        overwrite=args.overwrite)
     print(f"wrote {args.format} export to {out}")
     return 0
 
@@ -308,9 +303,42 @@ def cmd_make_student(args) -> int:
     return 0
 
 
+def _setup_logging(quiet: bool) -> None:
+    """jaxft's INFO lines (resuming from step N, skipped rows with file:line) show unless --quiet;
+    other libraries stay at WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("jaxft").setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _report_error(command: str, error: BaseException) -> None:
+    """`jaxft <command>: error: <message>` on one line. Our errors name what and where, so the message
+    is the whole story; any other exception (a bug, or a library's own complaint) keeps its type name
+    and says how to see the traceback."""
+    message = " ".join(line.strip() for line in str(error).strip().splitlines() if line.strip())
+    ours = type(error).__module__.startswith("jaxft") or type(error) in _PLAIN_ERRORS
+    if not ours or not message:
+        message = f"{type(error).__name__}: {message} (run with --debug for the traceback)"
+    print(f"jaxft {command}: error: {message}", file=sys.stderr)
+
+
+# Built-in exceptions that jaxft raises with its own what-and-where message. Exactly these types:
+# a UnicodeDecodeError or JSONDecodeError (ValueError subclasses) is a library's, and keeps its name.
+_PLAIN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, RuntimeError, ImportError, ModuleNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune open LLMs in JAX.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    """Runs a command; a failure is one line on stderr and exit status 1 (--debug or JAXFT_DEBUG=1:
+    the traceback instead)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the traceback (also JAXFT_DEBUG=1)")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="hide jaxft's INFO messages (warnings and errors still show)")
+    parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune open LLMs in JAX.", parents=[common])
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True), common)
 
     train = commands.add_parser("train", help="fine-tune: --config configs/NAME.py[:ARG] [--config.KEY=VALUE ...]")
     train.add_argument("--config", required=True, help="a config file (get_config(arg)), optionally :ARG")
@@ -342,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     export.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="weights' dtype in the export (default: the model's)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out that is not an earlier jaxft export")
     export.set_defaults(run=cmd_export)
 
     demo = commands.add_parser("demo", help="the embedded default: LoRA fine-tune of the bundled tiny model, "
@@ -399,14 +429,33 @@ def main(argv: list[str] | None = None) -> int:
     generate.set_defaults(run=cmd_generate)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("train", "eval", "demo", "plan", "sweep"):
-        unknown = [a for a in extra if not a.startswith("--config.")]
-        if unknown:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --config.KEY=VALUE)")
-        return args.run(args, extra)
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.run(args)
+    debug = getattr(args, "debug", False) or os.environ.get("JAXFT_DEBUG", "") not in ("", "0")
+    _setup_logging(getattr(args, "quiet", False))
+    takes_overrides = args.command in ("train", "eval", "demo", "plan", "sweep")
+    unknown = [a for a in extra if not (takes_overrides and a.startswith("--config."))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}"
+                     + (" (overrides look like --config.KEY=VALUE)" if takes_overrides else ""))
+    try:
+        return args.run(args, extra) if takes_overrides else args.run(args)
+    except KeyboardInterrupt:
+        print(f"jaxft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place errors become a line for the user
+        if debug:
+            raise
+        _report_error(args.command, error)
+        return 1
+
+
+class _Subcommands:
+    """add_subparsers' action, giving every command the common flags (--debug, --quiet)."""
+
+    def __init__(self, action, common: argparse.ArgumentParser):
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
 
 
 if __name__ == "__main__":

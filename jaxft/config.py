@@ -173,6 +173,10 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} defines no get_config(arg)")
+    known_args = tuple(getattr(module, "ARGS", ()))  # each config file lists the args it knows
+    if arg and arg not in known_args:
+        raise ValueError(f"{path}: unknown config arg {arg!r}; this file knows "
+                         + (", ".join(repr(a) for a in known_args if a) or "no args (ARGS is empty)"))
     config = module.get_config(arg) if arg else module.get_config()
     for item in overrides:
         apply_override(config, item)
@@ -186,7 +190,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         raise ValueError(f"override {item!r} must look like --config.KEY=VALUE")
     node, leaf = _parent(config, key)
     if node is None or leaf not in node:
-        raise KeyError(_unknown(key, config))
+        raise _unknown(key, config)
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -233,16 +237,23 @@ def with_values(config: ml_collections.ConfigDict, values: Mapping[str, Any]) ->
     for key, value in values.items():
         node, leaf = _parent(config, key)
         if node is None:
-            raise KeyError(_unknown(key, config))
+            raise _unknown(key, config)
         node[leaf] = value
     return config
 
 
-def _unknown(key: str, config: ml_collections.ConfigDict) -> str:
+class UnknownKeyError(KeyError):
+    """A config key the defaults do not know. A KeyError, whose message prints without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _unknown(key: str, config: ml_collections.ConfigDict) -> UnknownKeyError:
     known = list(_flat_keys(config))
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key {key!r}{hint}"
+    return UnknownKeyError(f"unknown config key {key!r}{hint}")
 
 
 _DICT_VALUED = {"mesh.shape"}  # keys whose value is a dict, not a section
@@ -262,7 +273,7 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
     known = set(_flat_keys(default_config()))
     for key in _flat_keys(config):
         if key not in known and not key.startswith("data."):
-            raise KeyError(_unknown(key, default_config()))
+            raise _unknown(key, default_config())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -275,6 +286,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(message)
 
     need(bool(config.model.path), "model.path is empty: give an HF folder or hub id")
+    need(bool(str(config.workdir or "").strip()), "workdir is empty: give the folder this run writes into")
     need("://" not in str(config.workdir),
          f"workdir {config.workdir!r} is a URL; the workdir must be a filesystem path: mount the bucket (gcsfuse, as "
          "tpu_scripts/install.sh does at /mnt/gcs) and use e.g. /mnt/gcs/runs/NAME")
@@ -297,6 +309,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"model.quantize={config.model.quantize} needs LoRA (lora.rank > 0): quantized base weights are frozen "
          "and cannot be fully fine-tuned")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
+    need(config.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1 (the latest checkpoints kept), got "
+         f"{config.checkpoint.keep}: with 0 each checkpoint would be deleted as soon as it is written")
+    need(config.checkpoint.keep_best >= 0, f"checkpoint.keep_best must be >= 0, got {config.checkpoint.keep_best}")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")
     optimizer_settings(config)
@@ -372,7 +387,7 @@ def from_plain(values: dict) -> ml_collections.ConfigDict:
 def _update(node: ml_collections.ConfigDict, values: dict, prefix: str = "") -> None:
     for key, value in values.items():
         if key not in node:
-            raise KeyError(_unknown(prefix + key, default_config()))
+            raise _unknown(prefix + key, default_config())
         if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict) and prefix + key not in _DICT_VALUED:
             _update(node[key], value, prefix + key + ".")
         else:

@@ -18,7 +18,9 @@ memory stays near the model plus the largest tensor.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -34,28 +36,91 @@ from jaxft.tasks.base import ExportInfo
 _PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
 
 
-def export(workdir: str, out: str, format: str = "hf", step: int | None = None, dtype: str | None = None) -> str:
+EXPORT_MARKER = "jaxft_export.json"  # what this folder is (run, step, format): also how a re-export knows it
+
+
+def export(workdir: str, out: str, format: str = "hf", step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False) -> str:
+    """Writes the export into a staging folder beside `out` and moves it into place only when it is
+    complete, replacing an earlier jaxft export whole (no stale shards or index survive). A non-empty
+    `out` that is not an earlier export is refused unless `overwrite`; so is `out` inside the run's
+    base model or its checkpoints (it would change what the run resumes from)."""
     if format not in ("hf", "peft"):
         raise ValueError(f"export format {format!r} is not hf or peft")
+    config = run_lib.saved_config(workdir, step)
+    check_destination(out, workdir, [config.model.path], overwrite)
     trained = run_lib.restore(workdir, step)
     model, meta = trained.model(), trained.meta
     config = meta["config"]
-    os.makedirs(out, exist_ok=True)
-    if format == "hf":
-        if config["lora"]["rank"]:
-            from jaxft.peft.lora import merge_lora
+    check_destination(out, workdir, [meta["base"]["path"]], overwrite)  # a hub id resolved to its cache folder
+    if format == "peft" and not config["lora"]["rank"]:
+        raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
+    with _staged(out) as staging:
+        if format == "hf":
+            if config["lora"]["rank"]:
+                from jaxft.peft.lora import merge_lora
 
-            merge_lora(model)
-        from jaxft.peft.quant import dequantize_model
+                merge_lora(model)
+            from jaxft.peft.quant import dequantize_model
 
-        dequantize_model(model)  # QLoRA: base Linears that no adapter targeted are still quantized
-        save_pretrained(model, out, dtype=dtype)
-    elif format == "peft":
-        if not config["lora"]["rank"]:
-            raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
-        write_peft_adapter(trained.params, meta, out, dtype, fused_parts(model), trained.task.export_info())
-        hf.copy_tokenizer_files(meta["base"]["path"], out)
+            dequantize_model(model)  # QLoRA: base Linears that no adapter targeted are still quantized
+            save_pretrained(model, staging, dtype=dtype)
+        else:
+            write_peft_adapter(trained.params, meta, staging, dtype, fused_parts(model), trained.task.export_info())
+            hf.copy_tokenizer_files(meta["base"]["path"], staging)
+        if jax.process_index() == 0:
+            hf.write_json(staging, EXPORT_MARKER, {"workdir": os.path.abspath(workdir), "step": trained.step,
+                                                   "format": format, "dtype": dtype})
     return out
+
+
+def check_destination(out: str, workdir: str, base_paths: list[str], overwrite: bool) -> None:
+    """Refuses an `out` that would overwrite the base, the run's checkpoints or a folder of someone else's."""
+    target = os.path.realpath(out)
+    for base in base_paths:
+        if base and os.path.isdir(base) and _overlap(target, os.path.realpath(base)):
+            raise ValueError(f"--out {out} overlaps the run's base model folder {base}: exporting there would "
+                             "replace the weights the run's checkpoints apply to; choose another folder")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if _overlap(target, os.path.realpath(checkpoints)):
+        raise ValueError(f"--out {out} overlaps the run's checkpoints ({checkpoints}); export to a folder of its "
+                         f"own, e.g. {os.path.join(workdir, 'hf')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(os.path.join(out, EXPORT_MARKER)) and not overwrite:
+        raise FileExistsError(f"--out {out} is not empty and holds no earlier jaxft export ({EXPORT_MARKER}); "
+                              "choose an empty folder, or pass --overwrite to replace what is there")
+
+
+def _overlap(a: str, b: str) -> bool:
+    """One real path is the other or inside it."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+
+
+@contextlib.contextmanager
+def _staged(out: str):
+    """A folder beside `out` to write into; on success it replaces `out` (the old one removed only
+    after the new one is in place), on failure it is removed and `out` is untouched. The name is the
+    same on every host (process 0 writes; the others only join the gathers)."""
+    out = os.path.abspath(out)
+    staging = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.partial")
+    writer = jax.process_index() == 0
+    if writer:
+        shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+        os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if writer:
+        retired = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        if os.path.exists(out):
+            os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
 
 
 def fused_parts(model) -> dict[str, tuple[str, int, int]]:

@@ -66,10 +66,8 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
         logits = model(input_ids, attention_mask=mask)  # [B, T, V]
     """
     source = hf.resolve(path_or_id, revision)
-    hf_config = hf.read_config(source.path)
+    hf_config, family, config = read_model_config(source.path)
     where = os.path.join(source.path, "config.json")
-    family = registry.family_for(hf_config, where)
-    config = family.config_cls.from_hf(hf_config, where)
     head = classification.head_options(hf_config, labels, pad_token_id, where)
     param_dtype = _dtype(dtype)
     abstract = nnx.eval_shape(lambda: _build(family, config, head, param_dtype, compute_dtype, seed))
@@ -235,6 +233,15 @@ def _zeros(shape, dtype, target):
 def _set_layer(stacked: jax.Array, layer: jax.Array, index) -> jax.Array:
     # Donated, so the stack is updated in place rather than copied once per layer.
     return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), index, axis=0)
+
+
+def read_model_config(folder: str):
+    """(config.json as read, the family, the family's checked config) of a local HF folder: every
+    field checked, and a bad one named by file and key (before transformers reads it in its own terms)."""
+    hf_config = hf.read_config(folder)
+    where = os.path.join(folder, "config.json")
+    family = registry.family_for(hf_config, where)
+    return hf_config, family, family.config_cls.from_hf(hf_config, where)
 
 
 def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None, max_shard_size: int = 2 * 2**30,

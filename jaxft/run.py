@@ -184,7 +184,7 @@ def resume(checkpointer: ckpt_lib.Checkpointer, config, meta: dict, target) -> t
     step_index, restored, data_state, saved_meta = source.restore(target)
     keys = ckpt_lib.RESUME_SENSITIVE_KEYS + tasks.get(config.task).resume_keys
     changes = ckpt_lib.config_changes(saved_meta["config"], meta["config"], keys)
-    if saved_meta["base"]["fingerprint"] != meta["base"]["fingerprint"]:
+    if not ckpt_lib.same_base(saved_meta["base"]["fingerprint"], meta["base"]["path"]):
         changes.append(f"base weights fingerprint: {saved_meta['base']['fingerprint']} → {meta['base']['fingerprint']}")
     if changes and not config.checkpoint.allow_changes:
         raise ResumeMismatchError(f"checkpoint {source.directory}/{step_index} was made by a different run:\n  "
@@ -253,7 +253,7 @@ def _checked_meta(checkpointer: ckpt_lib.Checkpointer, workdir: str, step_index:
         raise FileNotFoundError(f"no checkpoint of step {step_index} in {workdir}/checkpoints (steps: {steps})")
     meta = checkpointer.read_meta(step_index if step_index is not None else steps[-1])
     base = meta["base"]["path"]
-    if ckpt_lib.base_fingerprint(base) != meta["base"]["fingerprint"]:
+    if not ckpt_lib.same_base(meta["base"]["fingerprint"], base):
         raise ResumeMismatchError(f"the base model at {base} changed since {workdir} was trained "
                                   "(its fingerprint differs): the checkpoint's adapters/updates no longer apply")
     return config_lib.from_plain(meta["config"]), meta

@@ -31,6 +31,7 @@ from jaxft import config as config_lib
 from jaxft import distributed, evaluate, hf, plan, sharding, tasks
 from jaxft import run as run_lib
 from jaxft.metrics import MetricsWriter
+from jaxft.pretrained import read_model_config
 from jaxft.report import write_report
 
 log = logging.getLogger("jaxft.train")
@@ -52,6 +53,7 @@ def train(config) -> dict[str, Any]:
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     source = hf.resolve(config.model.path, config.model.revision)
+    read_model_config(source.path)  # config.json checked in jaxft's terms (file and key) before transformers reads it
 
     from transformers import AutoTokenizer
 

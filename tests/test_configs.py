@@ -16,9 +16,17 @@ from jaxft import run as run_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-HARDWARE_ARGS = {"llama3_8b_lora.py": ["v5e-8", "h100"], "qwen25_7b_lora.py": ["v5e-8", "h100"],
-                 "mistral_7b_lora.py": ["h100", "v5e-8"]}
-CASES = [(path, arg) for path in CONFIGS for arg in HARDWARE_ARGS.get(os.path.basename(path), [""])]
+
+
+def _args(path: str) -> tuple[str, ...]:
+    """The ARG values a config file lists (config_lib.load refuses others), and its default."""
+    spec = importlib.util.spec_from_file_location(f"listed_args_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return ("", *module.ARGS)
+
+
+CASES = [(path, arg) for path in CONFIGS for arg in _args(path)]
 # Parameter counts of the real models (config.json shapes), to catch a wrong preset.
 EXPECTED_PARAMS = {"meta-llama/Llama-3.1-8B": 8.03e9, "meta-llama/Llama-3.2-1B": 1.24e9, "Qwen/Qwen2.5-7B": 7.62e9,
                    "mistralai/Mistral-7B-v0.3": 7.25e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9}

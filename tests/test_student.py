@@ -13,7 +13,7 @@ from jaxft.testing import tiny_hf_model
 transformers = pytest.importorskip("transformers")
 
 
-def test_make_student_keeps_the_first_layers(tmp_path):
+def test_make_student_keeps_the_first_layers(tmp_path, capsys):
     folder, _ = tiny_hf_model(tmp_path / "teacher", "llama3_rope", num_hidden_layers=3)
     config = json.load(open(f"{folder}/config.json"))
     config["layer_types"] = ["full_attention"] * 3  # a per-layer list: cut with the layers
@@ -30,4 +30,8 @@ def test_make_student_keeps_the_first_layers(tmp_path):
     assert model.config.num_hidden_layers == 2
     assert jaxft.from_pretrained(str(tmp_path / "student")).config.num_hidden_layers == 2
     with pytest.raises(ValueError, match=r"a student keeps 1\.\.3 layers, not 4"):
-        cli.main(["make-student", "--model", folder, "--layers", "4", "--out", str(tmp_path / "bad")])
+        cli.main(["make-student", "--debug", "--model", folder, "--layers", "4", "--out", str(tmp_path / "bad")])
+    capsys.readouterr()
+    assert cli.main(["make-student", "--model", folder, "--layers", "4", "--out", str(tmp_path / "bad")]) == 1
+    assert capsys.readouterr().err == (f"jaxft make-student: error: {folder}/config.json: num_hidden_layers is 3; "
+                                       "a student keeps 1..3 layers, not 4\n")

@@ -14,6 +14,9 @@ from jaxft import config as config_lib
 from jaxft.demo import FACTS_EVAL, FACTS_TRAIN, MODEL_DIR
 
 
+ARGS = ("smoke",)  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = ""):
     c = config_lib.default_config()
     c.workdir = "workdir/demo"

@@ -29,6 +29,9 @@ def paths(workdir: str = WORKDIR) -> dict[str, str]:
             "teacher": os.path.join(workdir, "teacher", "hf"), "student": os.path.join(workdir, "student")}
 
 
+ARGS = ("teacher", "smoke")  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+
+
 def get_config(arg: str = "", workdir: str = WORKDIR):
     where = paths(workdir)
     c = demo_config()  # the bundled model, its facts and their exact-match task file

@@ -25,6 +25,7 @@ QLoRA: W may be stored quantized (jaxft.peft.quant); everything here reads it th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import zlib
 
@@ -34,6 +35,8 @@ from flax import nnx
 
 from jaxft.models.layers import Linear, dropout_key
 from jaxft.peft.quant import QuantParam, is_quantized
+
+log = logging.getLogger("jaxft.lora")
 
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -176,6 +179,7 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     if taken:  # checked before any change, so a failed call leaves the model as it was
         raise ValueError(f"{taken} already have adapters; merge_lora(model) before applying another")
 
+    _warn_rank_above_dimensions(chosen, config.rank)
     root = jax.random.key(seed)
     dtype = _DTYPES[config.adapter_dtype]
     for path, linear in chosen.items():
@@ -187,6 +191,16 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     if config.base_dtype is not None:  # after the adapters, so DoRA's magnitudes are of the full-precision weights
         cast_base(model, config.base_dtype)
     return model
+
+
+def _warn_rank_above_dimensions(chosen: dict[tuple[str, ...], Linear], rank: int) -> None:
+    """A rank above min(in, out) of a layer adds parameters but no expressiveness there (the update
+    B·A cannot exceed that rank): legal, as in PEFT, but rarely meant."""
+    small = {path[-1]: min(linear.weight.shape[-2:]) for path, linear in chosen.items()
+             if rank > min(linear.weight.shape[-2:])}
+    if small:
+        log.warning("lora.rank=%d exceeds the smallest dimension of %s; their updates cannot have rank above it",
+                    rank, ", ".join(f"{name} ({size})" for name, size in sorted(small.items())))
 
 
 def cast_base(model: nnx.Module, dtype: str) -> nnx.Module:
