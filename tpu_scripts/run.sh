@@ -11,6 +11,7 @@ cd "$(dirname "$0")" && source common.sh
 need_gcloud
 args=$(printf '%q ' "$@")
 : "${MAX_RESTARTS:=20}"
+: "${POLL_SECONDS:=60}"   # between checks of the slice's state after a stop
 for attempt in $(seq 1 "$MAX_RESTARTS"); do
   echo "== attempt $attempt: jaxft train $args"
   # On a pod, jax.distributed.initialize() finds its peers from the TPU metadata; nothing to set.
@@ -20,7 +21,7 @@ for attempt in $(seq 1 "$MAX_RESTARTS"); do
   echo "== the run stopped (preemption or failure); waiting for $TPU_NAME to be READY"
   until [[ "$(gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} \
               --format='value(state)' 2>/dev/null)" == "READY" ]]; do
-    sleep 60
+    sleep "$POLL_SECONDS"
     [[ -n "${RECREATE:-}" ]] && ./create.sh || true   # spot slices are deleted on preemption: RECREATE=1 recreates
   done
   ./install.sh
