@@ -35,7 +35,12 @@ def _torch_classify(torch_model, ids, mask, positions) -> np.ndarray:
                            position_ids=torch.as_tensor(positions, dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("case", ["llama3_rope", "gemma", "gemma2_softcap", "gemma3_text"])
+# One case per family (8): llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3.
+EVERY_FAMILY = ["llama3_rope", "mistral_sliding", "qwen2_bias", "qwen3", "gemma", "gemma2_softcap", "gemma3_text",
+                "phi3_longrope"]
+
+
+@pytest.mark.parametrize("case", EVERY_FAMILY)
 def test_pooled_logits_match_transformers(tmp_path, case):
     folder, torch_model = _tiny_classifier(tmp_path, case)
     model = jaxft.from_pretrained(folder)
@@ -52,7 +57,7 @@ def test_pooled_logits_match_transformers(tmp_path, case):
     np.testing.assert_allclose(per_token[np.arange(3), last], got, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["llama3_rope", "gemma2_softcap"])
+@pytest.mark.parametrize("case", EVERY_FAMILY)
 def test_export_loads_as_a_transformers_classifier(tmp_path, case):
     folder, torch_model = _tiny_classifier(tmp_path / "src", case)
     model = jaxft.from_pretrained(folder)

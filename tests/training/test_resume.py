@@ -135,6 +135,25 @@ def test_corrupted_checkpoint_is_skipped_with_a_warning(straight, tmp_path, capl
     assert any(f"skipping checkpoint {workdir}/checkpoints/{newest}" in r.getMessage() for r in caplog.records)
 
 
+def test_resume_from_another_runs_workdir_continues_it_exactly(straight, tmp_path):
+    """checkpoint.resume_from: a new workdir starts from another run's newest checkpoint (here step 9
+    of the straight run), leaves that run untouched, and ends where the straight run ends."""
+    earlier = tmp_path / "earlier"
+    shutil.copytree(straight, earlier)
+    shutil.rmtree(earlier / "checkpoints" / "12")  # the earlier run as it was at step 9
+    assert max(committed_steps(earlier)) == 9
+    before = sorted(os.listdir(earlier / "checkpoints"))
+    out = finish(start(tmp_path / "new", f"--config.checkpoint.resume_from={earlier}"))
+    assert "resumed from step 9" in out
+    assert losses(tmp_path / "new") == {s: loss for s, loss in losses(straight).items() if s > 9}
+    step_a, params_a = final_params(straight)
+    step_b, params_b = final_params(tmp_path / "new")
+    assert step_a == step_b == 12
+    for path in params_a:
+        np.testing.assert_array_equal(params_a[path], params_b[path], err_msg=path)
+    assert sorted(os.listdir(earlier / "checkpoints")) == before  # nothing written into the other run
+
+
 def test_checkpoint_from_8_devices_restores_on_1_and_on_data2_tensor4(tmp_path):
     config = config_lib.load(DEMO, [f"--config.workdir={tmp_path}", "--config.train.steps=2", "--config.lora.rank=0",
                                     "--config.train.warmup_steps=0",
