@@ -195,14 +195,16 @@ class GRPO(Task):
     def extra_memory(self, config, hf_config: dict, sizes: dict[str, int]) -> list[tuple[str, int, str]]:
         """The rollout's KV cache: keys and values of every layer for the step's completions (prompt +
         max_new_tokens each), in the compute dtype, split over the data-parallel devices."""
+        from jaxft.models import registry
+
         g = config.grpo
-        heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
-        head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+        model_config = registry.family_for(hf_config).config_cls.from_hf(hf_config)  # its head_dim default, per family
+        heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
         itemsize = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
         completions = max(config.train.batch_size // (sizes["data"] * sizes["fsdp"]), 1)
         length = g.max_prompt_length + g.max_new_tokens
         tensor = sizes["tensor"] if heads % sizes["tensor"] == 0 else 1
-        cache = 2 * int(hf_config["num_hidden_layers"]) * completions * length * heads * head_dim * itemsize // tensor
+        cache = 2 * model_config.num_hidden_layers * completions * length * heads * head_dim * itemsize // tensor
         return [("rollout KV cache", cache, f"{completions} completions × {length} tokens")]
 
     def objective(self, config) -> GRPOLoss:
