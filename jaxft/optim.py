@@ -1,10 +1,20 @@
 """Optimizers, schedules and the masks that say which parameters train and which decay.
 
-`make_optimizer` builds one optax chain: clip by global norm → the optimizer (with decoupled weight
-decay on matrices only: norms and biases never decay) → a schedule → per-layer freezing of stacked
-parameters. Frozen *whole* parameters are not passed to the optimizer at all (see jaxft.step), so
-they carry no optimizer state; freezing *some layers* of a stacked [L, ...] parameter zeroes those
-rows of the update instead, so they stay bit-for-bit unchanged.
+`make_optimizer` builds one optax chain: per-layer freezing of the gradient → clip by global norm →
+the optimizer (with decoupled weight decay on matrices only: norms and biases never decay) → a
+schedule → per-layer freezing of the update. Frozen *whole* parameters are not passed to the
+optimizer at all (see jaxft.step), so they carry no optimizer state; freezing *some layers* of a
+stacked [L, ...] parameter (train.freeze_first_layers) zeroes those rows of the gradient before
+anything else sees it, so that, as with torch's requires_grad=False, they count in neither the
+clipped gradient norm nor any moment, and zeroes their update (weight decay included), so they stay
+bit-for-bit unchanged.
+
+Each optimizer equals its PyTorch reference step for step (tests/training/test_fidelity.py):
+adamw = torch.optim.AdamW; sgd = torch.optim.SGD (momentum, L2 weight_decay); lion = the paper's
+and lion-pytorch's Lion; adafactor = transformers.Adafactor(lr=..., relative_step=False,
+warmup_init=False, scale_parameter=True, beta1=None) -- see `adafactor` for the one term that differs.
+Schedules equal transformers' get_{constant,linear,cosine}_schedule_with_warmup (and the min-lr /
+polynomial variants for end_learning_rate_ratio > 0): optimizer step k (from 0) uses schedule(k).
 """
 
 from __future__ import annotations
@@ -84,12 +94,70 @@ def layer_freeze_masks(params: Mapping[str, jax.Array], axes: Mapping[str, tuple
 
 
 def _mask_layers(masks: dict[str, jax.Array]) -> optax.GradientTransformation:
+    """Zeroes the frozen layers' rows (masks from layer_freeze_masks) of whatever flows through."""
     def update(updates, state, params=None):
-        out = {path: u * masks[path].reshape((-1,) + (1,) * (u.ndim - 1)) if path in masks else u
+        out = {path: u * masks[path].reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype) if path in masks else u
                for path, u in updates.items()}
         return out, state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def stacked_paths(params: Mapping[str, jax.Array], axes: Mapping[str, tuple]) -> set[str]:
+    """Params stacked over decoder layers ([L, ...]): each row is one layer's tensor in torch."""
+    return {path for path in params if axes.get(path) and axes[path][0] == "layers"}
+
+
+def _rms(x: jax.Array, per_layer: bool) -> jax.Array:
+    """Root mean square of each layer's slice of a stacked param (keepdims), else of the whole array."""
+    x = x.astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)) if per_layer else None, keepdims=True))
+
+
+def _clip_by_layer_rms(threshold: float, stacked: set[str]) -> optax.GradientTransformation:
+    """optax.clip_by_block_rms, with each layer of a stacked param its own block."""
+    def update(updates, state, params=None):
+        return {path: (u / jnp.maximum(1.0, _rms(u, path in stacked) / threshold)).astype(u.dtype)
+                for path, u in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _scale_by_param_layer_rms(min_scale: float, stacked: set[str]) -> optax.GradientTransformation:
+    """optax.scale_by_param_block_rms, with each layer of a stacked param its own block."""
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("Adafactor scales updates by each parameter's RMS: pass params to update")
+        return {path: (u * jnp.maximum(_rms(params[path], path in stacked), min_scale)).astype(u.dtype)
+                for path, u in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def adafactor(schedule: optax.Schedule, weight_decay: float, decay: Mapping[str, bool],
+              stacked: set[str]) -> optax.GradientTransformation:
+    """optax.adafactor's defaults made to equal transformers.Adafactor(lr=schedule, eps=(1e-30, 1e-3),
+    clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=..., scale_parameter=True,
+    relative_step=False, warmup_init=False) applied to each layer's tensors:
+
+      v = factored EMA of g² + 1e-30 (beta2_t = 1 - t^-0.8); u = g / sqrt(v);
+      u /= max(1, RMS(u)); p -= lr · max(1e-3, RMS(p)) · (u + wd · p).
+
+    Two departures from optax.adafactor, both towards transformers: the RMS of the update clipping
+    and of the parameter scale is per layer of a stacked [L, ...] param (each layer is one tensor in
+    torch), not over the whole stack; and weight decay is scaled like the update (transformers:
+    p -= wd · lr · max(1e-3, RMS(p)) · p), where optax.adafactor subtracts wd · p at every step
+    whatever the learning rate. The one term that differs: which second moments are factored.
+    optax factors a tensor over its two largest dims when the second largest is >= 128 and keeps a
+    full second moment otherwise; transformers factors every >= 2-D tensor over its last two dims.
+    They agree (tested) on every matrix with both dims >= 128 in models with fewer than 128 layers;
+    smaller matrices (e.g. LoRA factors, tiny test models) get the full, unfactored estimate here."""
+    parts = [optax.scale_by_factored_rms(),  # decay_rate=0.8, epsilon=1e-30, min_dim_size_to_factor=128
+             _clip_by_layer_rms(1.0, stacked)]
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(weight_decay, decay))
+    parts += [optax.scale_by_learning_rate(schedule), _scale_by_param_layer_rms(1e-3, stacked)]
+    return optax.chain(*parts)
 
 
 def make_optimizer(cfg: OptimConfig, params: Mapping[str, jax.Array], axes: Mapping[str, tuple],
@@ -102,13 +170,16 @@ def make_optimizer(cfg: OptimConfig, params: Mapping[str, jax.Array], axes: Mapp
     elif cfg.name == "lion":
         core = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
     elif cfg.name == "adafactor":
-        core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask)
+        core = adafactor(schedule, cfg.weight_decay, mask, stacked_paths(params, axes))
     else:  # sgd; decay added to the gradient (L2), as torch.optim.SGD's weight_decay does
         core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask),
                            optax.sgd(schedule, momentum=cfg.momentum or None))
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
-    parts.append(core)
     layer_masks = layer_freeze_masks(params, axes, frozen_layers)
+    # Frozen rows: no gradient (so not in the clip norm, nor in moments), and no update (nor decay).
+    parts = [_mask_layers(layer_masks)] if layer_masks else []
+    if cfg.clip_norm:
+        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+    parts.append(core)
     if layer_masks:
         parts.append(_mask_layers(layer_masks))
     return optax.chain(*parts)
