@@ -140,13 +140,25 @@ def param_shardings(axes: Mapping[str, tuple], shapes: Mapping[str, tuple], mesh
 
 def state_shardings(state, optimizer, axes: Mapping[str, tuple], mesh: Mesh, rules: Rules = DEFAULT_RULES):
     """Shardings for a jaxft.step.TrainState: params by their axes, optimizer moments like their
-    params (optax.tree_map_params finds them), everything else replicated."""
+    params (optax.tree_map_params finds them; a factored moment, e.g. Adafactor's row and column
+    statistics, like its param without the factored-out dimension), everything else replicated."""
     import optax
 
     shape = lambda tree: {path: tuple(x.shape) for path, x in tree.items()}  # noqa: E731
     params = param_shardings(axes, shape(state.params), mesh, rules)
     frozen = param_shardings(axes, shape(state.frozen), mesh, rules)
-    opt = optax.tree_map_params(optimizer, lambda _, s: s, state.opt_state, params,
+
+    def like_param(moment, param_sharding: NamedSharding, param) -> NamedSharding:
+        moment_shape, param_shape = tuple(moment.shape), tuple(param.shape)
+        if moment_shape == param_shape:
+            return param_sharding
+        spec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
+        for dropped in range(len(param_shape)):
+            if moment_shape == param_shape[:dropped] + param_shape[dropped + 1:]:
+                return NamedSharding(mesh, PartitionSpec(*spec[:dropped], *spec[dropped + 1:]))
+        return replicated(mesh)  # a placeholder of another shape (e.g. the [1] of an unused factor)
+
+    opt = optax.tree_map_params(optimizer, like_param, state.opt_state, params, state.params,
                                 transform_non_params=lambda _: replicated(mesh),
                                 is_leaf=lambda x: isinstance(x, NamedSharding))
     return state.replace(step=replicated(mesh), params=params, frozen=frozen, opt_state=opt, rng=replicated(mesh))

@@ -15,11 +15,11 @@ CFG = optim.OptimConfig(name="adamw", learning_rate=1e-3, schedule="cosine", war
                         weight_decay=0.01, clip_norm=1.0)
 
 
-def run(folder, batches, mesh_shape=None, grad_accum=1, trainable=lambda p, v: True, frozen_layers=0):
+def run(folder, batches, mesh_shape=None, grad_accum=1, trainable=lambda p, v: True, frozen_layers=0, cfg=CFG):
     mesh = sharding.make_mesh(mesh_shape) if mesh_shape else None
     model = jaxft.from_pretrained(folder, mesh=mesh)
     model_def, params, frozen = step.split_model(model, trainable)
-    optimizer = optim.make_optimizer(CFG, params, model_def.axes, frozen_layers=frozen_layers)
+    optimizer = optim.make_optimizer(cfg, params, model_def.axes, frozen_layers=frozen_layers)
     state = step.init_state(params, frozen, optimizer)
     train_step = step.make_train_step(model_def, optimizer, NextTokenLoss(), step.StepConfig(grad_accum=grad_accum))
     if mesh is None:
@@ -66,6 +66,23 @@ def test_meshes_give_the_same_losses(tiny_llama, batches, single_device, mesh_sh
     if "fsdp" in mesh_shape:  # parameters and Adam moments really are split 8 ways
         up = state.params["model.layers.mlp.up_proj.weight"]
         assert up.addressable_shards[0].data.size * 8 == up.size
+
+
+def test_adafactor_factored_moments_shard_like_their_params():
+    """Adafactor's row/column statistics ([L, out] and [L, in] of an [L, out, in] weight) are not
+    param-shaped: they take the param's sharding without the factored-out dimension (before: every
+    FSDP run with Adafactor failed to place its state)."""
+    from jaxft.demo import MODEL_DIR  # hidden 128: its matrices are large enough to be factored
+
+    cfg = optim.OptimConfig(name="adafactor", learning_rate=1e-2, schedule="constant", total_steps=10)
+    demo_batches = [train_batch(1024, batch=8, seed=s) for s in range(2)]
+    alone = run(MODEL_DIR, demo_batches, cfg=cfg)
+    losses, params, state = run(MODEL_DIR, demo_batches, {"fsdp": 4, "data": 2}, cfg=cfg)
+    np.testing.assert_allclose(losses, alone[0], atol=1e-5)
+    for path, value in params.items():
+        np.testing.assert_allclose(value, alone[1][path], atol=1e-5, err_msg=path)
+    factored = [x for x in jax.tree.leaves(state.opt_state) if x.ndim == 2 and x.shape[-1] in (128, 384)]
+    assert factored and any(not x.sharding.is_fully_replicated for x in factored)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_llama):
