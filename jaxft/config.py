@@ -51,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.schedule = "cosine"  # constant | linear | cosine, after warmup
     c.train.warmup_steps = 0
     c.train.weight_decay = 0.0  # decoupled; never on norms or biases
+    c.train.end_learning_rate_ratio = 0.0  # linear/cosine decay to this fraction of the peak
+    c.train.b1 = ml_collections.FieldReference(None, field_type=float)  # adamw/lion beta1 (None: 0.9)
+    c.train.b2 = ml_collections.FieldReference(None, field_type=float)  # beta2 (None: adamw 0.999, lion 0.99)
+    c.train.momentum = 0.0  # sgd momentum (0 = plain SGD)
     c.train.clip_norm = 1.0  # global gradient norm (0 = off)
     c.train.z_loss = 0.0
     c.train.remat = "none"  # none | full | dots | dots_no_batch
@@ -329,7 +333,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # translated here into the config's keys.
 _OPTIMIZER_KEYS = {"name": "train.optimizer", "learning_rate": "train.learning_rate", "schedule": "train.schedule",
                    "warmup_steps": "train.warmup_steps", "total_steps": "train.steps",
-                   "weight_decay": "train.weight_decay", "clip_norm": "train.clip_norm"}
+                   "weight_decay": "train.weight_decay", "clip_norm": "train.clip_norm", "b1": "train.b1",
+                   "b2": "train.b2", "momentum": "train.momentum",
+                   "end_learning_rate_ratio": "train.end_learning_rate_ratio"}
 _STEP_KEYS = {"grad_accum": "train.grad_accum", "remat": "train.remat"}
 
 
@@ -338,10 +344,13 @@ def optimizer_settings(config):
     from jaxft import optim
 
     t = config.train
+    betas = {"lion": (0.9, 0.99)}.get(t.optimizer, (0.9, 0.999))  # each optimizer's paper default
     with _in_config_terms(_OPTIMIZER_KEYS):
         return optim.OptimConfig(name=t.optimizer, learning_rate=t.learning_rate, schedule=t.schedule,
                                  warmup_steps=t.warmup_steps, total_steps=t.steps, weight_decay=t.weight_decay,
-                                 clip_norm=t.clip_norm or None)
+                                 end_learning_rate_ratio=t.end_learning_rate_ratio,
+                                 b1=betas[0] if t.b1 is None else t.b1, b2=betas[1] if t.b2 is None else t.b2,
+                                 momentum=t.momentum, clip_norm=t.clip_norm or None)
 
 
 def step_settings(config):

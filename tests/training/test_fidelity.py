@@ -373,3 +373,20 @@ def test_freeze_first_layers_is_torch_requires_grad_false(tiny):
     assert moved(params, tiny.params) > 1e-3
     worst = worst_difference(params, torch_model)
     assert worst <= 1e-6, f"max |jaxft - torch| after 2 steps with layer 0 frozen = {worst:.2e}"
+
+
+def test_the_config_keys_reach_the_optimizer():
+    """train.momentum / b1 / b2 / end_learning_rate_ratio from a config file or the command line are
+    the optimizer's (before: SGD from a config was always plain SGD, Lion always had b2 = 0.999)."""
+    import os
+
+    from jaxft import config as config_lib
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "demo.py")
+    settings = lambda *o: config_lib.optimizer_settings(config_lib.load(demo, list(o)))  # noqa: E731
+    assert (settings("--config.train.optimizer=lion").b1, settings("--config.train.optimizer=lion").b2) == (0.9, 0.99)
+    assert (settings().b1, settings().b2) == (0.9, 0.999)  # adamw
+    sgd = settings("--config.train.optimizer=sgd", "--config.train.momentum=0.9")
+    assert sgd.momentum == 0.9
+    custom = settings("--config.train.b1=0.8", "--config.train.b2=0.95", "--config.train.end_learning_rate_ratio=0.1")
+    assert (custom.b1, custom.b2, custom.end_learning_rate_ratio) == (0.8, 0.95, 0.1)
