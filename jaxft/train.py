@@ -79,6 +79,8 @@ def train(config) -> dict[str, Any]:
                            flops_per_token=run_lib.flops_per_token(training, config), config=meta["config"])
     questions = evaluate.read_task(config.eval.task_file) if config.eval.task_file else None
     report: dict[str, Any] = {"model": source.repo_id or source.path, "resumed_from": start_step, "devices": mesh.size}
+    if getattr(data, "warnings", None) is not None:  # counts of trained unknown tokens, boundaries inside a token
+        report["data_warnings"] = data.warnings
     if questions and start_step == 0:
         report["task"] = {"before": _exact_match(training, state, tokenizer, questions, config)}
         writer.eval(0, {"task_exact_match": report["task"]["before"]["exact_match"]})

@@ -22,7 +22,10 @@ The model must let a token attend only to keys with the same segment_id, causall
 Rows (JSONL/Parquet/HF/TFDS): text -> {"text": ...}; prompt_completion -> {"prompt": ...,
 "completion": ...}; chat -> {"messages": [{"role": ..., "content": ...}, ...]}; field names set
 by data.*_field. Bad rows raise `DataError` naming file:line (or row) and the reason, or with
-data.on_error="skip" are counted per reason in `pipeline.train_report`.
+data.on_error="skip" are counted per reason in `pipeline.train_report`. Rows that train but
+probably not as meant (a trained target that is the unknown token; a token spanning the
+prompt/completion boundary) are warned about with file:line and counted in `pipeline.warnings`
+(report.json's data_warnings). A `.json` file may hold one JSON array of rows.
 Keys and defaults: `jaxft.data.config.DataDefaults`; `default_config()` gives them as a ConfigDict.
 """
 

@@ -17,11 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxft.data.errors import DataError, LoadReport, RowError, log
+from jaxft.data.errors import DataError, LoadReport, RowError, log, log_warnings
 from jaxft.data.formats import DROPPED, Encoded, Encoder
 from jaxft.data.sources import RowSource
 
-CACHE_VERSION = 1  # bump when the encoding of rows changes
+CACHE_VERSION = 2  # bump when the encoding of rows (or what the cached report holds) changes
 CHUNK_ROWS = 512   # rows per tokenizer batch: large enough to amortize, small enough to stream
 
 
@@ -68,6 +68,7 @@ def tokenize_source(source: RowSource, indices: np.ndarray, encoder: Encoder, *,
             with np.load(cache_path) as cached:
                 report = LoadReport.from_dict(json.loads(str(cached["report"])))
                 log.info("%s: tokenized data from cache %s", source.name, cache_path)
+                log_warnings(report.warnings, f"{split} {source.name}", encoder.tok.unk_token)
                 return TokenizedDocs(cached["tokens"], cached["mask"], cached["offsets"]), report
 
     report = LoadReport(split=split)
@@ -87,11 +88,15 @@ def tokenize_source(source: RowSource, indices: np.ndarray, encoder: Encoder, *,
             else:
                 kept.append(result)
                 report.truncated += int(result.truncated)
+                if result.notes:
+                    report.record_notes(origin, result.notes)
+                    result.notes = ()
     docs = TokenizedDocs.concatenate(kept)
     report.examples = len(docs)
     report.tokens = int(len(docs.tokens))
     report.trained_tokens = int(sum(int(e.mask[1:].sum()) for e in kept))
 
+    log_warnings(report.warnings, f"{split} {source.name}", encoder.tok.unk_token)
     if cache_path:
         os.makedirs(cache_dir, exist_ok=True)
         # Write then rename, so a killed run never leaves a half-written cache entry behind.

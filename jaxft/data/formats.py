@@ -12,7 +12,11 @@
     one. The span includes the template's end-of-turn token, which is how chat models stop.
 
 Characters become tokens through the fast tokenizer's offsets: a token is trained if it overlaps a
-trained character span. The whole string is tokenized once, exactly as at inference.
+trained character span. The whole string is tokenized once, exactly as at inference. So a token
+that spans the boundary (the prompt's last characters merged with the completion's first, e.g.
+"A: " + "Paris" -> " Paris") is trained; each such row is counted as a data warning
+(`boundary_inside_token`), and so is each row whose trained targets include the tokenizer's
+unknown token (`unknown_target_tokens`); see jaxft.data.errors.
 Over-long rows (more than seq_len + 1 tokens, since inputs/targets are the shifted sequence):
 `truncate` cuts the end (chat first drops whole oldest turns, keeping leading system messages);
 `drop` drops the row. Either is counted.
@@ -58,6 +62,8 @@ class TokenizerInfo:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         self.add_bos = self.bos_id is not None and probe[:1] == [self.bos_id]
         self.vocab_size = len(tokenizer)
+        self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        self.unk_token = getattr(tokenizer, "unk_token", None)
         self._chat_template = chat_template
         h = hashlib.sha256(backend.to_str().encode())
         h.update(repr((self.bos_id, self.eos_id, self.add_bos, self.chat_template_or_none())).encode())
@@ -77,6 +83,9 @@ class Encoded:
     tokens: np.ndarray   # int32 [L]
     mask: np.ndarray     # bool [L]: token t is a trained target (mask[0] is never used)
     truncated: bool = False
+    # For the data warnings: ((kind, token positions (sorted, into tokens), text, detail), ...): trained
+    # targets that are the unknown token, tokens that span a prompt/completion boundary.
+    notes: tuple = ()
 
 
 def _empty_or_not_str(value: Any, where: str) -> None:
@@ -208,9 +217,11 @@ class Encoder:
     def _encode_text(self, texts: list[str]) -> list:
         encodings = self.tok.backend.encode_batch(texts, add_special_tokens=False)
         out = []
-        for encoding in encodings:
+        for text, encoding in zip(texts, encodings):
             tokens, mask = self._wrap(encoding.ids, np.ones(len(encoding.ids), bool))
-            out.append(self._fit(Encoded(tokens, mask)))
+            notes = () if self.tok.unk_id is None else \
+                self._notes(tokens, mask, _offsets(encoding), text, int(self.tok.add_bos), ())
+            out.append(self._fit(Encoded(tokens, mask, notes=notes)))
         return out
 
     def _encode_prompt_completion(self, pairs: list[tuple[str, str]]) -> list:
@@ -218,17 +229,42 @@ class Encoder:
         encodings = self.tok.backend.encode_batch(texts, add_special_tokens=False)
         out = []
         for (prompt, _), text, encoding in zip(pairs, texts, encodings):
-            mask = _mask_from_spans(encoding.offsets, [(len(prompt), len(text))])
+            offsets = _offsets(encoding)
+            mask = _mask_from_spans(offsets, [(len(prompt), len(text))])
             tokens, mask = self._wrap(encoding.ids, mask)
-            out.append(self._fit(Encoded(tokens, mask)))
+            notes = self._notes(tokens, mask, offsets, text, int(self.tok.add_bos), (len(prompt),))
+            out.append(self._fit(Encoded(tokens, mask, notes=notes)))
         return out
+
+    def _notes(self, tokens: np.ndarray, mask: np.ndarray, offsets: np.ndarray, text: str, head: int,
+               boundaries: Sequence[int]) -> tuple:
+        """The data warnings of one row (see `Encoded.notes`). `offsets[j]` are the characters of
+        `tokens[head + j]`; tokens outside them (BOS, the appended EOS) came from no text."""
+        notes = []
+        if self.tok.unk_id is not None:
+            hits = np.flatnonzero((tokens == self.tok.unk_id) & mask)
+            hits = hits[(hits >= max(head, 1)) & (hits < head + len(offsets))]  # a target, from the text
+            # The unknown token's own text (a tokenizer whose unk is also its EOS, as GPT-2's, finds
+            # it literally in the data or the chat template) is not unknown text.
+            hits = [int(p) for p in hits if text[offsets[p - head, 0]:offsets[p - head, 1]] != self.tok.unk_token]
+            if hits:
+                a, b = offsets[hits[0] - head]
+                snippet = f"{text[max(0, a - 30):a]}[[{text[a:b]}]]{text[b:b + 30]}"
+                notes.append((errors.UNKNOWN_TARGET_TOKENS, np.asarray(hits, np.int64), snippet, None))
+        for boundary in boundaries:
+            inside = np.flatnonzero((offsets[:, 0] < boundary) & (offsets[:, 1] > boundary))
+            if len(inside):
+                a, b = offsets[inside[0]]
+                notes.append((errors.BOUNDARY_INSIDE_TOKEN, inside[:1] + head, text[a:b], int(boundary - a)))
+        return tuple(notes)
 
     def _fit(self, encoded: Encoded) -> Encoded | str:
         if len(encoded.tokens) <= self.max_tokens:
             return encoded
         if self.overlong == "drop":
             return DROPPED
-        return Encoded(encoded.tokens[:self.max_tokens], encoded.mask[:self.max_tokens], truncated=True)
+        return Encoded(encoded.tokens[:self.max_tokens], encoded.mask[:self.max_tokens], truncated=True,
+                       notes=shift_notes(encoded.notes, 0, self.max_tokens, 0))
 
     # ---- chat ------------------------------------------------------------------------------------
 
@@ -298,9 +334,12 @@ class Encoder:
             spans_of.append(spans)
         if texts:
             encodings = self.tok.backend.encode_batch([t for _, t in texts], add_special_tokens=False)
-            for (c, _), spans, encoding in zip(texts, spans_of, encodings):
-                mask = _mask_from_spans(encoding.offsets, spans)
-                out[c] = Encoded(np.asarray(encoding.ids, np.int32), mask)
+            for (c, whole), spans, encoding in zip(texts, spans_of, encodings):
+                offsets = _offsets(encoding)
+                mask = _mask_from_spans(offsets, spans)
+                tokens = np.asarray(encoding.ids, np.int32)
+                notes = self._notes(tokens, mask, offsets, whole, 0, [a for a, b in spans if b > a])
+                out[c] = Encoded(tokens, mask, notes=notes)
                 self._warn_if_turns_do_not_end_with_eos(out[c])
         return out
 
@@ -349,6 +388,20 @@ def _prefix_length(part: Any, whole: Any, count: int, generation_prompt: bool) -
                                       f"whole conversation (char {k}: {part[k:k + 40]!r} vs {whole[k:k + 40]!r}); "
                                       f"set data.train_on='last_assistant' or give data.chat_template")
     return len(part)
+
+
+def _offsets(encoding) -> np.ndarray:
+    return np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+
+
+def shift_notes(notes: tuple, start: int, stop: int, delta: int) -> tuple:
+    """The notes of tokens[start:stop] moved by `delta` (what a cut keeps of them)."""
+    out = []
+    for kind, positions, text, detail in notes:
+        kept = positions[(positions >= start) & (positions < stop)] + delta
+        if len(kept):
+            out.append((kind, kept, text, detail))
+    return tuple(out)
 
 
 def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:

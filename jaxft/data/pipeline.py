@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxft.data import packing
 from jaxft.data.config import SourceSpec, resolve
-from jaxft.data.errors import DataError, LoadReport, log
+from jaxft.data.errors import DataError, LoadReport, log, warnings_summary
 from jaxft.data.examples import TokenizedDocs, tokenize_source
 from jaxft.data.formats import Encoder, TokenizerInfo
 from jaxft.data.sources import open_source
@@ -95,6 +95,8 @@ class DataPipeline:
                                   if len(docs)} if s.validation_names else {}
         self._named_batches: dict[str, list] = {}
         self._validation_batches = None
+        # What the training rows trained but probably should not (report.json's data_warnings).
+        self.warnings = warnings_summary(self.train_report.warnings)
 
         log.info("data %s", self.train_report.summary())
         if self._validation:

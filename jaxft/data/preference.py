@@ -18,7 +18,9 @@ cut first, to `max_prompt_length` tokens keeping its end (a BOS stays), then bot
 what is left, keeping their start; with data.overlong="drop" the pair is dropped instead. A pair
 whose chosen equals its rejected is dropped (it carries no preference). Bad rows raise DataError
 naming file:line and the field, or with data.on_error="skip" are counted. Everything is counted in
-`report` (the run's report shows it).
+`report` (the run's report shows it); the data warnings of the training pairs (trained unknown
+tokens, a token spanning the prompt/completion boundary: jaxft.data.errors) in `warnings`, a pair
+counted once when its chosen or its rejected completion has one.
 
 Batch keys, right-padded to T = data.seq_len:
   causal=True (DPO):  input_ids, targets, loss_mask (the completion's targets), sequence_mask (every
@@ -39,7 +41,7 @@ import numpy as np
 from jaxft.data import errors
 from jaxft.data.config import resolve
 from jaxft.data.errors import DataError, RowError, log
-from jaxft.data.formats import Encoded, Encoder, TokenizerInfo
+from jaxft.data.formats import Encoded, Encoder, TokenizerInfo, shift_notes
 from jaxft.data.indexed import IndexedIterator, host_share
 from jaxft.data.sources import open_source
 
@@ -68,11 +70,13 @@ class PreferenceData:
         self._chat = None if self.tokenizer.chat_template_or_none() is None else \
             Encoder(self.tokenizer, fmt="chat", **common)
         self.report: dict[str, collections.Counter] = {}
+        self._warnings: dict[str, dict] = {}
         if len(s.stages) != 1 or len(s.stages[0].sources) != 1 or len(s.validation) > 1 or s.validation_fraction:
             raise DataError("data.format='preference' reads one source each for data.train and data.validation "
                             "(no data.stages, mixtures or data.validation_fraction)")
         self.train = self._load(s.stages[0].sources[0], "data.train", "train")
         self.validation = self._load(s.validation[0], "data.validation", "validation") if s.validation else None
+        self.warnings = errors.warnings_summary(self._warnings["train"])  # report.json's data_warnings
         self.reference: dict[str, np.ndarray] = {}  # split -> [N, 2] reference log-probs, when precomputed
         tokens = b"".join(t.tobytes() for pair in self.train["tokens"] for t in pair)
         self.fingerprint = {"pairs": len(self), "digest": hashlib.sha256(tokens).hexdigest()[:16],
@@ -88,6 +92,7 @@ class PreferenceData:
         columns = [f["prompt_field"], f["chosen_field"], f["rejected_field"]] + ([s.margin_field] if s.margin_field else [])
         source = open_source(spec, key=key, default_split=split, tfds_data_dir=s.tfds_data_dir, columns=columns)
         counts = self.report.setdefault(split, collections.Counter())
+        warnings = self._warnings.setdefault(split, {})
         pairs: dict[str, list] = {"tokens": [], "masks": [], "margin": [], "text": []}
         for start in range(0, len(source), 512):
             rows = source.read(range(start, min(start + 512, len(source))))
@@ -103,12 +108,15 @@ class PreferenceData:
                     continue
                 (chosen, rejected), truncated, margin, text = result
                 counts["truncated"] += truncated
+                if chosen.notes or rejected.notes:
+                    errors.record_notes(warnings, origin, chosen.notes + rejected.notes)
                 pairs["tokens"].append((chosen.tokens, rejected.tokens))
                 pairs["masks"].append((chosen.mask, rejected.mask))
                 pairs["margin"].append(margin)
                 pairs["text"].append(text)
         counts["pairs"] = len(pairs["tokens"])
         log.info("data %s: %s", split, dict(counts))
+        errors.log_warnings(warnings, f"{split} {source.name}", self.tokenizer.unk_token)
         if not pairs["tokens"]:
             raise DataError(f"{key} ({source.name}): no preference pairs left: {dict(counts)}")
         return pairs
@@ -212,7 +220,9 @@ class PreferenceData:
             tokens = np.concatenate([encoded.tokens[:head], encoded.tokens[prompt - keep:prompt],
                                      encoded.tokens[prompt:][:room]])
             mask = np.concatenate([encoded.mask[:head], encoded.mask[prompt - keep:prompt], encoded.mask[prompt:][:room]])
-            return Encoded(tokens, mask, truncated=True)
+            # Notes are on trained tokens, all from `prompt` on: they move to head + keep.
+            notes = shift_notes(encoded.notes, prompt, prompt + room, head + keep - prompt)
+            return Encoded(tokens, mask, truncated=True, notes=notes)
 
         return cut(chosen), cut(rejected), True
 

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -115,26 +116,32 @@ class _MultiFile:
 
 
 class JsonlSource(RowSource):
-    """JSON Lines files; blank lines are not rows; origins are `path:line` (1-based)."""
+    """JSON Lines files; lines holding only whitespace are not rows; origins are `path:line` (1-based).
+
+    A `.json` file (or `.json.gz`) whose first non-whitespace character is `[` holds one JSON array
+    of rows instead; an element's origin is `path:line [index]`, the line where the element starts.
+    """
 
     def __init__(self, paths: list[str]):
         self.paths = paths
         self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} files)"
-        self._data, self._spans = [], []
+        self._data, self._spans, self._arrays = [], [], []
         for path in paths:
             data = _read_bytes(path)
+            if _is_json_array(path, data):
+                text, spans = _array_spans(path, data)
+                self._data.append(text)
+                self._spans.append(spans)
+                self._arrays.append(True)
+                continue
             bytes_ = np.frombuffer(data, np.uint8)
             newlines = np.flatnonzero(bytes_ == ord("\n"))
             starts = np.concatenate([[0], newlines + 1])
             ends = np.concatenate([newlines, [len(data)]])
             line_numbers = np.arange(1, len(starts) + 1)
-            # A line holding nothing (or only the '\r' of a CRLF file) is not a row.
-            lengths = ends - starts
-            cr_only = np.zeros_like(lengths, dtype=bool)
-            cr_only[lengths == 1] = bytes_[starts[lengths == 1]] == ord("\r")
-            keep = (lengths > 0) & ~cr_only
             self._data.append(data)
-            self._spans.append((starts[keep], ends[keep], line_numbers[keep]))
+            self._spans.append(_nonblank_lines(bytes_, starts, ends, line_numbers))
+            self._arrays.append(False)
         self._files = _MultiFile(paths, [len(s[0]) for s in self._spans])
 
     def __len__(self) -> int:
@@ -145,7 +152,7 @@ class JsonlSource(RowSource):
         for index in indices:
             file, row = self._files.locate(int(index))
             starts, ends, lines = self._spans[file]
-            origin = f"{self.paths[file]}:{lines[row]}"
+            origin = f"{self.paths[file]}:{lines[row]}" + (f" [{row}]" if self._arrays[file] else "")
             line = self._data[file][starts[row]:ends[row]]
             try:
                 value = json.loads(line)
@@ -154,14 +161,79 @@ class JsonlSource(RowSource):
                 out.append((origin, RowError(errors.MALFORMED_JSON, f"malformed JSON: {detail}")))
                 continue
             if not isinstance(value, dict):
+                what = "array element" if self._arrays[file] else "line"
                 out.append((origin, RowError(errors.MALFORMED_JSON,
-                                                                          f"expected a JSON object per line, got {type(value).__name__}")))
+                                             f"expected a JSON object per {what}, got {type(value).__name__}")))
                 continue
             out.append((origin, value))
         return out
 
     def fingerprint(self) -> str:
         return _file_fingerprint(self.paths)
+
+
+_JSON_WHITESPACE = np.zeros(256, bool)
+_JSON_WHITESPACE[list(b" \t\r\n")] = True
+
+
+def _nonblank_lines(bytes_: np.ndarray, starts: np.ndarray, ends: np.ndarray, line_numbers: np.ndarray):
+    """(starts, ends, line numbers) of the lines holding more than JSON whitespace (' ', \\t, \\r)."""
+    nonempty = np.flatnonzero(ends > starts)
+    keep = np.zeros(len(starts), bool)
+    if len(nonempty):
+        # Each segment runs from a non-empty line's start to the next one's: the line itself, then only
+        # newlines and empty lines, which are whitespace; so "any non-whitespace byte" is the line's.
+        keep[nonempty] = np.logical_or.reduceat(~_JSON_WHITESPACE[bytes_], starts[nonempty])
+    return starts[keep], ends[keep], line_numbers[keep]
+
+
+def _is_json_array(path: str, data: bytes) -> bool:
+    name = path[:-3] if path.endswith(".gz") else path
+    return name.endswith(".json") and data.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n")[:1] == b"["
+
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+def _array_spans(path: str, data: bytes) -> tuple[str, tuple]:
+    """A JSON array's text and (starts, ends, line numbers) of its elements, found by parsing it once.
+    A malformed array is an error naming the line: after it, elements cannot be told apart."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from e
+    decoder = json.JSONDecoder()
+    starts, ends, lines = [], [], []
+    line, counted = 1, 0
+
+    def fail(message: str, position: int):
+        raise DataError(f"{path}:{text.count(chr(10), 0, position) + 1}: malformed JSON array: {message}")
+
+    pos = _WHITESPACE.match(text, _WHITESPACE.match(text).end() + 1).end()  # past the '['
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                _, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                fail(f"{e.msg} at column {e.colno}", e.pos)
+            line += text.count("\n", counted, pos)
+            counted = pos
+            starts.append(pos)
+            ends.append(end)
+            lines.append(line)
+            pos = _WHITESPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _WHITESPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                fail(f"expected ',' or ']' after element {len(starts) - 1}", pos)
+    if _WHITESPACE.match(text, pos).end() != len(text):
+        fail("extra data after the array's closing ']'", pos)
+    return text, (np.asarray(starts, np.int64), np.asarray(ends, np.int64), np.asarray(lines, np.int64))
 
 
 class ParquetSource(RowSource):
