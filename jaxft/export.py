@@ -8,8 +8,11 @@ sharded safetensors + index with config.json, generation_config.json and the tok
 `AutoModelForCausalLM.from_pretrained(out)` loads it as is. A QLoRA run's quantized base is
 dequantized (in float32) before the merge, and written in model.dtype or the `dtype` asked for.
 `peft`: `adapter_model.safetensors` + `adapter_config.json` with PEFT's key names, for
-`PeftModel.from_pretrained(base, out)` and vLLM's LoRA loader; it refers to the base by its path or
-hub id — for a QLoRA run too, the original unquantized base, as PEFT does for bitsandbytes runs.
+`PeftModel.from_pretrained(base, out)`, vLLM's LoRA loader and llama.cpp's convert_lora_to_gguf.py,
+which all compute the same update from it (one rank and one lora_alpha/r for every module: see
+write_peft_adapter); it refers to the base by its path or hub id — for a QLoRA run too, the original
+unquantized base, as PEFT does for bitsandbytes runs. The transformers 5 tokenizer_class
+"TokenizersBackend" is written as "PreTrainedTokenizerFast", which transformers 4.x also loads.
 What the adapter says besides the weights (PEFT's task_type, the modules trained whole beside the
 adapters: modules_to_save) is the task's (Task.export_info). The checkpoint is restored without
 its optimizer state (jaxft.run.restore), and both formats gather one tensor at a time, so host
@@ -19,6 +22,8 @@ memory stays near the model plus the largest tensor.
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import shutil
 
@@ -35,6 +40,11 @@ from jaxft.tasks.base import ExportInfo
 # Our adapter param name → PEFT's key suffix (the module path before it is the HF module path).
 _PEFT_NAMES = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude_vector": "lora_magnitude_vector"}
 
+
+# vLLM's accepted --max-lora-rank values and its default (vllm/config/lora.py, LoRAConfig.max_lora_rank).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+log = logging.getLogger("jaxft.export")
 
 EXPORT_MARKER = "jaxft_export.json"  # what this folder is (run, step, format): also how a re-export knows it
 
@@ -142,10 +152,17 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
     layer, and the adapter_config.json PEFT writes for the same LoRA settings. `info.modules_to_save`
     (trained whole) are written under their HF keys, as PEFT saves them.
 
-    `fused` (see fused_parts): adapters on parts of a fused HF module become one adapter on it, of
-    rank k·r for k adapted parts: A stacks the parts' A, B is block-diagonal (zero rows for parts
-    without an adapter), DoRA magnitudes concatenate; `rank_pattern`/`alpha_pattern` keep the
-    scaling, so PEFT computes exactly the same update.
+    Every reader computes the same update from it: PEFT, vLLM (whether or not its version reads
+    rank/alpha patterns) and llama.cpp's convert_lora_to_gguf.py, which keeps one `lora_alpha` and
+    divides it by each tensor's rank, ignoring `rank_pattern`, `alpha_pattern` and `use_rslora`. So
+    every module's adapter has the same rank R, written as `r`, and `lora_alpha = s·R` for the trained
+    scale s (alpha/rank; rsLoRA's alpha/√rank, written as plain scaling, `use_rslora: false`): no
+    patterns, and the tensors are the trained ones. R is the rank, or k·rank where `fused` (see
+    fused_parts) folds k adapted parts onto one HF module (Phi-3's qkv_proj, gate_up_proj): A stacks
+    the parts' A, B is block-diagonal (zero rows for parts without an adapter), DoRA magnitudes
+    concatenate. Adapters of smaller rank get zero rows of A and zero columns of B, which change no
+    update (DoRA's norm of W + s·BA included). A rank above vLLM's default max_lora_rank (16) is
+    logged with the --max-lora-rank that serves it; a DoRA adapter, with the consumers that refuse it.
     """
     fused = fused or {}
     lora = meta["config"]["lora"]
@@ -174,16 +191,17 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
             fetch = (lambda v=value, i=i: np.asarray(jax.device_get(v[i]))) if stacked else (lambda v=value: np.asarray(jax.device_get(v)))
             shape = tuple(value.shape[1:] if stacked else value.shape)
             entries.append((f"base_model.model.{hf_module}.{_PEFT_NAMES[name]}", shape, out_dtype, fetch))
-    rank_pattern, alpha_pattern = {}, {}
+    folded = {}  # fused module name → number of adapted parts
     for fused_module, adapted in groups.items():
-        name = fused_module.rsplit(".", 1)[-1]
-        k = len(adapted)
-        modules.add(name)
-        rank_pattern[name] = k * lora["rank"]
-        # PEFT scales by alpha/r (rsLoRA: alpha/√r): the same scaling at rank k·r needs alpha·k (·√k).
-        alpha_pattern[name] = lora["alpha"] * (k ** 0.5 if lora["use_rslora"] else k)
+        modules.add(fused_module.rsplit(".", 1)[-1])
+        folded[fused_module.rsplit(".", 1)[-1]] = len(adapted)
         all_parts = sorted((start, stop, part) for part, (module, start, stop) in fused.items() if module == fused_module)
         entries += _fused_entries(fused_module, all_parts, adapted, lora["rank"], dtype)
+    rank = lora["rank"] * max(folded.values(), default=1)
+    scale = lora["alpha"] / (math.sqrt(lora["rank"]) if lora["use_rslora"] else lora["rank"])
+    # llama.cpp reads lora_alpha 0 as "no scaling" (scale 1): a zero scale is written as zero B instead.
+    alpha = scale * rank if scale else float(rank)
+    entries = [_at_rank(entry, rank, zero=not scale) for entry in entries]
     hf.write_safetensors(os.path.join(out, "adapter_model.safetensors"), entries)
     base = meta["base"]
     hf.write_json(out, "adapter_config.json", {
@@ -191,20 +209,66 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
         "task_type": info.peft_task_type,
         "base_model_name_or_path": base.get("repo_id") or base["path"],
         "revision": base.get("revision"),
-        "r": lora["rank"],
-        "lora_alpha": lora["alpha"],
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": lora["dropout"],
         "target_modules": sorted(modules),
-        "use_rslora": lora["use_rslora"],
+        "use_rslora": False,
         "use_dora": lora["use_dora"],
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": sorted(whole) or None,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
+        "rank_pattern": {},
+        "alpha_pattern": {},
         "init_lora_weights": True,
         "inference_mode": True,
     })
+    if jax.process_index() == 0:
+        _tell_consumers(lora, rank, alpha, folded)
+
+
+def _at_rank(entry: tuple, rank: int, zero: bool = False) -> tuple:
+    """An adapter entry padded to `rank`: zero rows of lora_A, zero columns of lora_B (`zero`: B all
+    zeros). Other entries (DoRA magnitudes, modules_to_save) as they are."""
+    key, shape, out_dtype, fetch = entry
+    if key.endswith(".lora_A.weight"):
+        axis = 0
+    elif key.endswith(".lora_B.weight"):
+        axis = 1
+    else:
+        return entry
+    if shape[axis] == rank and not (zero and axis == 1):
+        return entry
+    padded_shape = tuple(rank if d == axis else n for d, n in enumerate(shape))
+
+    def padded():
+        array = np.asarray(fetch())
+        full = np.zeros(padded_shape, array.dtype)
+        if not (zero and axis == 1):
+            full[tuple(slice(0, n) for n in array.shape)] = array
+        return full
+
+    return key, padded_shape, out_dtype, padded
+
+
+def _tell_consumers(lora: dict, rank: int, alpha: float, folded: dict[str, int]) -> None:
+    """What serving it takes, logged: vLLM's --max-lora-rank beyond its default, DoRA's refusals."""
+    trained = f"rank {lora['rank']}, alpha {lora['alpha']:g}" + (", rsLoRA" if lora["use_rslora"] else "")
+    if rank != lora["rank"] or alpha != lora["alpha"] or lora["use_rslora"]:
+        log.info("PEFT adapter: adapter_config.json says r=%d, lora_alpha=%g (trained: %s), so that lora_alpha/r "
+                 "is the trained scale of every module in PEFT, vLLM and llama.cpp alike", rank, alpha, trained)
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        why = ("; ".join(f"{name} carries {k} adapters of rank {lora['rank']}" for name, k in sorted(folded.items()))
+               if rank > lora["rank"] else f"trained at rank {rank}")
+        fits = [r for r in VLLM_MAX_LORA_RANKS if r >= rank]
+        how = (f"serve it with --max-lora-rank {fits[0]}" if fits else
+               f"vLLM's largest max_lora_rank is {VLLM_MAX_LORA_RANKS[-1]}, so it cannot serve it: use --format hf")
+        log.warning("PEFT adapter of rank %d (%s), above vLLM's default max_lora_rank %d: %s",
+                    rank, why, VLLM_DEFAULT_MAX_LORA_RANK, how)
+    if lora["use_dora"]:
+        log.warning("DoRA adapter: PEFT reads it, but vLLM refuses DoRA adapters and llama.cpp's "
+                    "convert_lora_to_gguf.py stops at their lora_magnitude_vector tensors; to serve it there, "
+                    "export the merged model with --format hf")
 
 
 def _fused_entries(fused_module: str, all_parts: list[tuple[int, int, str]], adapted: dict[str, dict[str, jax.Array]],

@@ -473,13 +473,41 @@ def write_json(folder: str, name: str, data: dict[str, Any]) -> None:
         f.write("\n")
 
 
+# tokenizer_class names that transformers 5 writes and 4.x (and llama.cpp's converters, which load the
+# tokenizer with 4.x) do not know. A tokenizer.json is what 4.x's PreTrainedTokenizerFast reads, and 5.x
+# reads "PreTrainedTokenizerFast" as its TokenizersBackend.
+_V5_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer files (and generation_config.json) from `src` into `dst`; a v5-only
+    `tokenizer_class` in tokenizer_config.json is written as the class transformers 4.x knows for the
+    same files (the source is left as it is)."""
     copied = []
     for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(src, name)):
-            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            if name != "tokenizer_config.json" or not _copy_tokenizer_config(src, dst):
+                shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     return copied
+
+
+def _copy_tokenizer_config(src: str, dst: str) -> bool:
+    """Writes dst's tokenizer_config.json with a 4.x tokenizer_class when src's names a v5-only one
+    that has a 4.x equivalent for these files; False (copy it as it is) otherwise."""
+    try:
+        with open(os.path.join(src, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    renamed = _V5_TOKENIZER_CLASSES.get(config.get("tokenizer_class")) if isinstance(config, dict) else None
+    if renamed is None or not os.path.exists(os.path.join(src, "tokenizer.json")):
+        return False
+    config["tokenizer_class"] = renamed
+    with open(os.path.join(dst, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return True
 
 
 def config_for(path: str, revision: str | None = None) -> dict:

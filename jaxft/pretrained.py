@@ -307,9 +307,25 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
     hf_config["torch_dtype"] = {np.dtype(jnp.bfloat16): "bfloat16"}.get(save_dtype, save_dtype.name)
     hf.write_json(out_dir, "config.json", hf_config)
     source = getattr(model, "source", None)
+    copied = []
     if copy_tokenizer and source is not None and os.path.abspath(source.path) != os.path.abspath(out_dir):
-        hf.copy_tokenizer_files(source.path, out_dir)
+        copied = hf.copy_tokenizer_files(source.path, out_dir)  # generation_config.json among them, if any
+    same_folder = source is not None and os.path.abspath(source.path) == os.path.abspath(out_dir)
+    if "generation_config.json" not in copied and not same_folder and _generates(hf_config):
+        hf.write_json(out_dir, "generation_config.json", generation_config(hf_config))
     return names
+
+
+def _generates(hf_config: dict[str, Any]) -> bool:
+    """A causal LM (what transformers' save_pretrained writes a generation_config.json for)."""
+    return any(str(a).endswith("ForCausalLM") for a in hf_config.get("architectures") or [])
+
+
+def generation_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json for a model whose base has none, as transformers'
+    GenerationConfig.from_model_config builds it: the config's special token ids that are set."""
+    ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config.get(k) is not None}
+    return {"_from_model_config": True, **ids}
 
 
 def _to_host(array: jax.Array) -> np.ndarray:

@@ -68,9 +68,20 @@ class Phi3Config(hf_config.Dimensions):
             windows=(self.sliding_window,) * self.num_hidden_layers, activation=self.hidden_act)
 
     def to_hf(self) -> dict[str, Any]:
+        """config.json that transformers 4.x and 5.x both load: 4.x's Phi3Config wants `rope_scaling`
+        None or exactly {type: "longrope", short_factor, long_factor} (no `rope_type`, no other key),
+        with rope_theta and original_max_position_embeddings at the top level; 5.x reads that form
+        as rope_type longrope. LongRoPE settings 4.x cannot hold (an attention_factor) keep 5.x's form."""
+        rope = self.rope.to_hf()
+        scaling = rope.get("rope_scaling")
+        if scaling and scaling.get("rope_type") == "longrope" and {
+                k: v for k, v in scaling.items() if k not in ("rope_type", "short_factor", "long_factor")
+        } in ({}, {"original_max_position_embeddings": self.original_max_position_embeddings}):
+            rope["rope_scaling"] = {"type": "longrope", "short_factor": scaling["short_factor"],
+                                    "long_factor": scaling["long_factor"]}
         return {**hf_config.common_to_hf(self, "Phi3ForCausalLM"), "hidden_act": self.hidden_act,
                 "original_max_position_embeddings": self.original_max_position_embeddings,
-                "sliding_window": self.sliding_window, **self.rope.to_hf()}
+                "sliding_window": self.sliding_window, **rope}
 
 
 def _rope(hf: dict[str, Any], original: int, head_dim: int, max_position_embeddings: int, where: str) -> RopeConfig:
