@@ -21,7 +21,8 @@ def test_keeps_the_latest_k_plus_the_best_by_eval_loss(tmp_path):
     assert manager.steps() == [2, 4, 5]  # best (eval 1.0) + the two newest
     target = checkpoint.abstract_target(state, {"w": state["w"].sharding})
     found, restored, data_state, meta = manager.restore(target)
-    assert found == 5 and data_state == {"pos": 5} and meta == {"step": 5}
+    assert found == 5 and data_state == {"pos": 5} and meta == {"step": 5, "checksums": checkpoint.checksums(
+        {"w": state["w"] + 5})}  # the saved array's checksum travels in meta
     np.testing.assert_array_equal(restored["w"], np.arange(4.0) + 5)
     manager.close()
 
