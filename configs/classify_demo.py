@@ -10,6 +10,7 @@ written by `python -m jaxft.demo.topics`. The report (report.html/json) shows ev
 macro-F1; metrics.jsonl's eval rows carry eval_loss, accuracy and f1.
 """
 
+from jaxft import config as config_lib
 from jaxft.demo import MODEL_DIR
 from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.topics import LABELS, TOPICS_TRAIN, TOPICS_VALID
@@ -35,9 +36,4 @@ def get_config(arg: str = ""):
     c.train.warmup_steps = 6
     c.train.eval_every = 20
     c.checkpoint.every = 30
-    if arg == "smoke":
-        c.train.steps = 4
-        c.train.warmup_steps = 1
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
-    return c
+    return config_lib.smoke(c) if arg == "smoke" else c

@@ -12,6 +12,7 @@ report shows eval_rewards/accuracies before (0: policy = reference, every margin
 and held-out pairs with the policy's log-prob margin log p(chosen) − log p(rejected) before/after.
 """
 
+from jaxft import config as config_lib
 from jaxft.demo import MODEL_DIR
 from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.preferences import PREFS_TRAIN, PREFS_VALID
@@ -42,9 +43,4 @@ def get_config(arg: str = ""):
     c.train.warmup_steps = 4
     c.train.eval_every = 32
     c.checkpoint.every = 48
-    if arg == "smoke":
-        c.train.steps = 4
-        c.train.warmup_steps = 1
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
-    return c
+    return config_lib.smoke(c) if arg == "smoke" else c

@@ -11,6 +11,7 @@ for each of 8 prompts from the model being trained; eval rows hold the mean rewa
 answers to 64 held-out prompts (eval_reward; eval_loss is its negative).
 """
 
+from jaxft import config as config_lib
 from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.grpo import GRPO_TRAIN, GRPO_VALID, REWARDS
 
@@ -42,9 +43,4 @@ def get_config(arg: str = ""):
     c.train.warmup_steps = 4
     c.train.eval_every = 20
     c.checkpoint.every = 30
-    if arg == "smoke":
-        c.train.steps = 4
-        c.train.warmup_steps = 1
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
-    return c
+    return config_lib.smoke(c) if arg == "smoke" else c

@@ -10,6 +10,7 @@ trains whole beside the adapters. The report shows held-out pair accuracy (r_cho
 before (a random head: about 0.5) and after, and held-out pairs with both rewards.
 """
 
+from jaxft import config as config_lib
 from jaxft.demo import MODEL_DIR
 from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.preferences import PREFS_TRAIN, PREFS_VALID
@@ -38,9 +39,4 @@ def get_config(arg: str = ""):
     c.train.warmup_steps = 8
     c.train.eval_every = 64
     c.checkpoint.every = 96
-    if arg == "smoke":
-        c.train.steps = 4
-        c.train.warmup_steps = 1
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
-    return c
+    return config_lib.smoke(c) if arg == "smoke" else c

@@ -167,6 +167,15 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `:smoke` variant of a demo config: 4 steps through every part (eval and a save at step 2)."""
+    c.train.steps = 4
+    c.train.warmup_steps = 1
+    c.train.eval_every = 2
+    c.checkpoint.every = 2
+    return c
+
+
 def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """`path/to/config.py[:ARG]` → its get_config(ARG), with `--config.KEY=VALUE` overrides applied."""
     path, _, arg = spec.partition(":")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from jaxft import config as config_lib
 from jaxft.demo import FACTS_EVAL, FACTS_TRAIN, MODEL_DIR
 from jaxft.demo.config import get_config as demo_config
 from jaxft.demo.topics import TOPICS_TRAIN, TOPICS_VALID
@@ -61,12 +62,7 @@ def get_config(arg: str = "", workdir: str = WORKDIR):
     c.train.eval_every = 100
     c.train.loss_chunk = 32  # neither model's [B, T, V] logits held at once
     c.checkpoint.every = 150
-    if arg == "smoke":
-        c.train.steps = 4
-        c.train.warmup_steps = 1
-        c.train.eval_every = 2
-        c.checkpoint.every = 2
-    return c
+    return config_lib.smoke(c) if arg == "smoke" else c
 
 
 def prepare(workdir: str = WORKDIR, log=print) -> dict[str, str]:
