@@ -185,7 +185,8 @@ def cmd_eval(args, overrides: list[str]) -> int:
         model_def, params, frozen = step.split_model(_load(model_path, args.dtype)[0])
         what = model_path
     result = {"evaluated": what}
-    tokenizer = _tokenizer(model_path)
+    # A run's tokenizer has its model.add_tokens and data.chat_template.
+    tokenizer = run_lib.load_tokenizer(trained.config, model_path) if args.workdir else _tokenizer(model_path)
     task = tasks.get(config.task)
     task_file = args.task_file or (config.eval.task_file if args.config else None)
     if args.config:  # its section, and whether generation applies to it (a classifier refuses a task file)
@@ -246,7 +247,8 @@ def _lm_eval(args) -> int:
         model = jaxft.from_pretrained(model_path, dtype=args.dtype, mesh=mesh)
         model_path = model.source.path  # a hub id's local snapshot
         out = args.out or os.path.join("lm_eval", os.path.basename(os.path.normpath(args.model)))
-    lm = harness.JaxftLM(model, _tokenizer(model_path), mesh, batch_size=args.batch_size, max_length=args.max_length,
+    tokenizer = run_lib.load_tokenizer(config, model_path) if args.workdir else _tokenizer(model_path)
+    lm = harness.JaxftLM(model, tokenizer, mesh, batch_size=args.batch_size, max_length=args.max_length,
                          hf_config=read_config(model_path))
     tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
     results = harness.evaluate(lm, tasks, include=args.lm_eval_include, limit=args.limit,

@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # activations; None = model.dtype
     c.model.attention = "auto"  # auto | xla | jax | cudnn | splash (auto: cudnn on NVIDIA GPU, splash on TPU, else xla)
     c.model.quantize = "none"  # none | int8 | nf4: QLoRA, the frozen decoder Linears stored quantized (needs lora.rank > 0)
+    # New tokens (jaxft.vocab): added to the tokenizer, and the embedding (and an untied lm_head) grown to it.
+    c.model.add_tokens = ml_collections.FieldReference((), field_type=object)  # ordinary tokens (strings)
+    c.model.add_special_tokens = ml_collections.FieldReference((), field_type=object)  # special ones (chat markers)
+    c.model.pad_vocab_multiple = 1  # a grown vocabulary is rounded up to a multiple of this (64/128 suit TPUs)
 
     c.data = default_data_config()
 
@@ -62,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0  # data order, LoRA init, dropout
     c.train.freeze = ()  # full FT: regexes of param paths to freeze, e.g. ("embed_tokens",)
     c.train.freeze_first_layers = 0  # full FT: keep the first N decoder layers frozen
+    c.train.new_token_rows = ml_collections.FieldReference(None, field_type=bool)  # LoRA: the new tokens'
+    # embedding (and lm_head) rows train, the others stay bit-identical (None: True when model.add_tokens grew it)
     c.train.on_nonfinite = "abort"  # abort (naming the step, saving nothing bad) | skip (drop that update)
     c.train.log_every = 1  # steps between metrics.jsonl rows
     c.train.eval_every = 0  # steps between eval-loss passes (0 = only at the end, if validation data)
@@ -327,6 +333,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.checkpoint.keep_best >= 0, f"checkpoint.keep_best must be >= 0, got {config.checkpoint.keep_best}")
     need(not (config.lora.rank and (config.train.freeze or config.train.freeze_first_layers)),
          "train.freeze / freeze_first_layers are for full fine-tuning (lora.rank=0); LoRA freezes the base already")
+    from jaxft import vocab
+
+    vocab.token_settings(config)
+    need(not (config.lora.rank and vocab.tokens_added(config) and "lm_head" in _targets(config.lora.targets)),
+         "lora.targets includes lm_head and model.add_tokens grows it: the new token rows train on lm_head "
+         "instead; leave lm_head out of lora.targets")
     optimizer_settings(config)
     step_settings(config)
     if config.lora.rank:
@@ -335,6 +347,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from jaxft import tasks
 
     tasks.get(config.task).validate(config)
+
+
+def _targets(targets) -> tuple[str, ...]:
+    return tuple(t.strip() for t in targets.split(",")) if isinstance(targets, str) else tuple(targets)
 
 
 # The settings objects of the layers below, built from a config. Their own checks are the only

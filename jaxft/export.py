@@ -30,10 +30,11 @@ import shutil
 import jax
 import numpy as np
 
-from jaxft import hf
+from jaxft import hf, vocab
 from jaxft import run as run_lib
 from jaxft.models import registry
 from jaxft.models.keys import LAYER
+from jaxft.peft import token_rows
 from jaxft.pretrained import DTYPES, flat_params, save_pretrained
 from jaxft.tasks.base import ExportInfo
 
@@ -65,19 +66,28 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
     check_destination(out, workdir, [meta["base"]["path"]], overwrite)  # a hub id resolved to its cache folder
     if format == "peft" and not config["lora"]["rank"]:
         raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
+    rows = token_rows.adapters(model)  # model.add_tokens: the new vocabulary's rows
     with _staged(out) as staging:
         if format == "hf":
             if config["lora"]["rank"]:
                 from jaxft.peft.lora import merge_lora
 
                 merge_lora(model)
+                token_rows.merge(model)
             from jaxft.peft.quant import dequantize_model
 
             dequantize_model(model)  # QLoRA: base Linears that no adapter targeted are still quantized
             save_pretrained(model, staging, dtype=dtype)
         else:
-            write_peft_adapter(trained.params, meta, staging, dtype, fused_parts(model), trained.task.export_info())
+            write_peft_adapter(trained.params, meta, staging, dtype, fused_parts(model), trained.task.export_info(),
+                               rows, model.config.tie_word_embeddings)
             hf.copy_tokenizer_files(meta["base"]["path"], staging)
+        if vocab.changes_tokenizer(trained.config) and jax.process_index() == 0:  # the tokens and template it trained with
+            vocab.save_tokenizer(vocab.load_tokenizer(trained.config, meta["base"]["path"]), staging)
+        if rows and format == "peft":
+            log.info("PEFT adapter with new tokens: load it on the base resized as it was trained, "
+                     "base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=%d) with the tokenizer in %s "
+                     "(vocab_size %d)", trained.config.model.pad_vocab_multiple, out, model.config.vocab_size)
         if jax.process_index() == 0:
             hf.write_json(staging, EXPORT_MARKER, {"workdir": os.path.abspath(workdir), "step": trained.step,
                                                    "format": format, "dtype": dtype})
@@ -147,10 +157,13 @@ def fused_parts(model) -> dict[str, tuple[str, int, int]]:
 
 
 def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None,
-                       fused: dict[str, tuple[str, int, int]] | None = None, info: ExportInfo = ExportInfo()) -> None:
+                       fused: dict[str, tuple[str, int, int]] | None = None, info: ExportInfo = ExportInfo(),
+                       rows: dict | None = None, tied: bool = False) -> None:
     """adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` etc., one per
     layer, and the adapter_config.json PEFT writes for the same LoRA settings. `info.modules_to_save`
-    (trained whole) are written under their HF keys, as PEFT saves them.
+    (trained whole) are written under their HF keys, as PEFT saves them. `rows` (module path →
+    jaxft.peft.token_rows.TokenRows: new tokens) are PEFT's trainable tokens, the values of those rows
+    as `<module>.token_adapter.trainable_tokens_delta` with `trainable_token_indices` (PEFT >= 0.15).
 
     Every reader computes the same update from it: PEFT, vLLM (whether or not its version reads
     rank/alpha patterns) and llama.cpp's convert_lora_to_gguf.py, which keeps one `lora_alpha` and
@@ -168,8 +181,16 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
     lora = meta["config"]["lora"]
     entries, modules, whole = [], set(), set()
     groups: dict[str, dict[str, dict[str, jax.Array]]] = {}  # fused module → part module → its adapter params
+    rows = rows or {}
+    for module_path, adapter in sorted(rows.items()):
+        value = adapter.rows.get_value()
+        out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(value.dtype)
+        entries.append((f"base_model.model.{module_path}.token_adapter.trainable_tokens_delta", tuple(value.shape),
+                        out_dtype, lambda v=value: np.asarray(jax.device_get(v))))
     for path, value in sorted(params.items()):
         module_path, _, name = path.rpartition(".adapter.")
+        if module_path in rows and name == "rows":
+            continue  # written above, trained or not
         if module_path in fused:
             groups.setdefault(fused[module_path][0], {}).setdefault(module_path, {})[name] = value
             continue
@@ -218,6 +239,7 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": sorted(whole) or None,
+        "trainable_token_indices": vocab.peft_token_indices(rows, tied) if rows else None,
         "rank_pattern": {},
         "alpha_pattern": {},
         "init_lora_weights": True,

@@ -213,7 +213,8 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
 
     dp = sizes["data"] * sizes["fsdp"]
     micro = max(config.train.batch_size // accum // dp, 1)
-    seq, vocab = config.data.seq_len, int(hf_config["vocab_size"])
+    grown = parts.new_vocab  # model.add_tokens: the grown vocabulary is what the step computes over
+    seq, vocab = config.data.seq_len, grown.size if grown else int(hf_config["vocab_size"])
     saved = _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused)
     if config.train.remat == "none":
         full = saved
@@ -247,7 +248,10 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     rows = [
         (f"frozen base ({base_dtype}{'' if quantize == 'none' else ', Linears ' + quantize})", frozen,
          f"{_count(state.frozen)} params" if state.frozen else ""),
-        (f"trainable params ({_dtypes(state.params)})", trainable, f"{_count(state.params)} params"),
+        (f"trainable params ({_dtypes(state.params)})", trainable, f"{_count(state.params)} params"
+         + (f", vocabulary {grown.old_size} → {grown.size} ({len(grown.rows)} new token rows"
+            + (" trained)" if any(".adapter.rows" in p for p in state.params) or not config.lora.rank else ")")
+            if grown else "")),
         ("optimizer state", opt_bytes, config.train.optimizer),
         ("gradients", grads, "+ accumulator" if accum > 1 else ""),
         (f"activations (remat={config.train.remat})", saved["other"],

@@ -23,9 +23,9 @@ import numpy as np
 
 from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
-from jaxft import optim, sharding, step, tasks
+from jaxft import optim, sharding, step, tasks, vocab
 from jaxft.models import attention as attn_lib
-from jaxft.peft import lora, quant
+from jaxft.peft import lora, quant, token_rows
 from jaxft.pretrained import from_pretrained, init_random
 from jaxft.tasks.base import Task
 
@@ -44,9 +44,11 @@ def load_model(config, task: Task, source_path: str, mesh, pad_token_id: int | N
                            quantize=config.model.quantize, skip=skip, **task.model_options(config, pad_token_id))
 
 
-def prepare_model(model, config, task: Task, training: bool = True, mesh=None, abstract: bool = False):
+def prepare_model(model, config, task: Task, training: bool = True, mesh=None, abstract: bool = False,
+                  new_vocab: vocab.NewVocab | None = None):
     """Every change a run makes to a loaded (or shapes-only) model, in the one order that works;
     returns (model, the predicate of the params that train). Callers never order these themselves:
+    0. grow the vocabulary (`new_vocab`, jaxft.vocab: model.add_tokens): the base as the run sees it;
     1. quantize the base (model.quantize): before any adapter, since DoRA's magnitudes and the merge
        are of the base as stored; a no-op where from_pretrained quantized while loading;
     2. adapters (lora.*) on the targets the task asks for, or else full fine-tuning minus
@@ -56,7 +58,11 @@ def prepare_model(model, config, task: Task, training: bool = True, mesh=None, a
     4. the attention implementation (model.attention): static graph data, so before the split.
     The remat policy (train.remat) is the split's (step.split_model), the last change of all.
     `mesh` / `abstract` are handed to Task.attach (where a teacher loads; shapes only for the plan).
+    In a LoRA run the grown vocabulary's rows are token-row adapters (jaxft.peft.token_rows), which
+    train unless train.new_token_rows=False; in full fine-tuning the grown tables train whole.
     """
+    if new_vocab is not None:
+        vocab.grow(model, new_vocab, seed=config.train.seed)
     if config.model.quantize != "none":
         quant.quantize_model(model, config.model.quantize)
     if config.lora.rank:
@@ -64,6 +70,10 @@ def prepare_model(model, config, task: Task, training: bool = True, mesh=None, a
         lora.apply_lora(model, config_lib.lora_settings(config, task.lora_targets(model, targets)),
                         seed=config.train.seed)
         trainable = lora.is_lora_param
+        if new_vocab is not None:
+            token_rows.attach(model, new_vocab.rows)
+            if not vocab.trains_rows(config, new_vocab):
+                trainable = lambda path, v: lora.is_lora_param(path, v) and not token_rows.is_token_rows_param(path, v)  # noqa: E731
     else:
         patterns = tuple(config.train.freeze)
         trainable = lambda path, variable: not optim.frozen_by_pattern([path], patterns)  # noqa: E731
@@ -84,10 +94,12 @@ class TrainingParts:
     objective: Any  # jaxft.step.Objective
     train_step: Any  # not yet compiled
     state: step.TrainState
+    new_vocab: vocab.NewVocab | None = None  # model.add_tokens: how the vocabulary grew
 
 
-def training_parts(model, config, task: Task, mesh=None, abstract: bool = False) -> TrainingParts:
-    model, trainable = prepare_model(model, config, task, mesh=mesh, abstract=abstract)
+def training_parts(model, config, task: Task, mesh=None, abstract: bool = False,
+                   new_vocab: vocab.NewVocab | None = None) -> TrainingParts:
+    model, trainable = prepare_model(model, config, task, mesh=mesh, abstract=abstract, new_vocab=new_vocab)
     model_def, params, frozen = step.split_model(model, trainable, remat=config.train.remat)
     optim_cfg = config_lib.optimizer_settings(config)
     optimizer = optim.make_optimizer(optim_cfg, params, model_def.axes, config.train.freeze_first_layers)
@@ -95,20 +107,24 @@ def training_parts(model, config, task: Task, mesh=None, abstract: bool = False)
     train_step = step.make_train_step(model_def, optimizer, objective, config_lib.step_settings(config),
                                       optim.make_schedule(optim_cfg))
     state = step.init_state(params, frozen, optimizer, seed=config.train.seed)
-    return TrainingParts(config, task, model_def, optimizer, objective, train_step, state)
+    return TrainingParts(config, task, model_def, optimizer, objective, train_step, state, new_vocab)
 
 
 def abstract_training(config, hf_config: dict) -> TrainingParts:
     """The training parts a config builds, the state as shapes only (jax.eval_shape): nothing is
-    allocated, nothing downloaded. What jaxft plan counts, and tests check configs of big models with."""
+    allocated, nothing downloaded. What jaxft plan counts, and tests check configs of big models with.
+    New tokens (model.add_tokens) are counted with the base's tokenizer where model.path is a local
+    folder that has one; otherwise each listed token is taken to be new to a tokenizer that fills
+    the vocabulary."""
     task = tasks.get(config.task)
     holder = {}
+    new_vocab = planned_vocab(config, hf_config)
 
     def make():
         # Shapes only: any pad id will do for a head.
         options = task.model_options(config, hf_config.get("pad_token_id") or 0)
         model = init_random(hf_config, dtype=config.model.dtype, compute_dtype=config.model.compute_dtype, **options)
-        holder["parts"] = training_parts(model, config, task, abstract=True)
+        holder["parts"] = training_parts(model, config, task, abstract=True, new_vocab=new_vocab)
         return holder["parts"].state
 
     state = jax.eval_shape(make)
@@ -135,8 +151,8 @@ def build_training(config, mesh, source_path: str, tokenizer) -> Training:
     """The model (loaded onto `mesh`), its optimizer and train state, and the compiled steps."""
     task = tasks.get(config.task)
     model = load_model(config, task, source_path, mesh, tokenizer.pad_token_id)
-    check_vocab(tokenizer, model.config.vocab_size, source_path)
-    parts = training_parts(model, config, task, mesh=mesh)
+    new_vocab = check_vocab(config, tokenizer, model.config.vocab_size, source_path)
+    parts = training_parts(model, config, task, mesh=mesh, new_vocab=new_vocab)
     compiled, state_shardings = step.compile_train_step(parts.train_step, parts.state, parts.optimizer,
                                                         parts.model_def, mesh)
     return Training(**{**vars(parts), "state": jax.device_put(parts.state, state_shardings)},
@@ -144,13 +160,37 @@ def build_training(config, mesh, source_path: str, tokenizer) -> Training:
                     eval_step=task.eval_step(parts.model_def, mesh, config))
 
 
-def check_vocab(tokenizer, vocab_size: int, source_path: str) -> None:
-    """Before anything compiles: a tokenizer with more tokens than the model has embedding rows
-    would index past the embedding (NaN loss from the first step that meets such a token)."""
-    if len(tokenizer) > vocab_size:
-        raise ValueError(f"{source_path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
-                         f"{vocab_size} (config.json): ids {vocab_size}..{len(tokenizer) - 1} have no embedding row; "
-                         "add the tokens to the model (resize its embedding) or use the model's own tokenizer")
+def check_vocab(config, tokenizer, vocab_size: int, source_path: str) -> vocab.NewVocab | None:
+    """Before anything compiles: how the vocabulary grows for the run's tokenizer (model.add_tokens),
+    or None. A tokenizer with more tokens than the model has embedding rows, and no model.add_tokens,
+    is refused (it would index past the embedding: NaN loss from the first step that meets such a token)."""
+    return vocab.plan(config, tokenizer, vocab_size, source_path)
+
+
+def load_tokenizer(config, source_path: str):
+    """The run's tokenizer: the base's, with model.add_tokens / add_special_tokens and data.chat_template."""
+    return vocab.load_tokenizer(config, source_path)
+
+
+def planned_vocab(config, hf_config: dict) -> vocab.NewVocab | None:
+    """check_vocab from config.json alone (jaxft plan): exact with the base's tokenizer where
+    model.path is a local folder holding one; else each listed token counts as new."""
+    if not vocab.tokens_added(config):
+        return None
+    size = int(hf_config["vocab_size"])
+    path = config.model.path
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+        return check_vocab(config, load_tokenizer(config, path), size, path)
+    ordinary, special, _ = vocab.token_settings(config)
+
+    class Counted:  # a tokenizer that fills the vocabulary, then gains the listed tokens
+        def __len__(self):
+            return size + len(ordinary) + len(special)
+
+        def convert_tokens_to_ids(self, tokens):
+            return [size + i for i in range(len(tokens))]
+
+    return check_vocab(config, Counted(), size, path)
 
 
 def saved_state(state) -> dict:
@@ -217,13 +257,11 @@ def flops_per_token(parts: TrainingParts, config) -> float:
 def restore_training(workdir: str, step_index: int | None = None, mesh=None) -> tuple[Training, int]:
     """(the whole train state of a checkpoint, optimizer included, on `mesh` (default: one device),
     its step): what a run resumed on that mesh holds. For inference, `restore` reads less."""
-    from transformers import AutoTokenizer
-
     with _reading(workdir) as checkpointer:
         config, meta = _checked_meta(checkpointer, workdir, step_index)
         base = meta["base"]["path"]
         mesh = mesh or sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-        training = build_training(config, mesh, base, AutoTokenizer.from_pretrained(base))
+        training = build_training(config, mesh, base, load_tokenizer(config, base))
         found, restored, _, _ = checkpointer.restore(training.restore_target(), step_index)
     training.state = training.state.replace(**restored)
     return training, found
@@ -283,16 +321,16 @@ def restore(workdir: str, step_index: int | None = None, mesh=None, config=None)
     one device). The model is rebuilt from the checkpoint's own config, so it restores anywhere;
     params that the checkpoint holds are never read from the base (a full fine-tuning export holds
     the model once, not twice)."""
-    from transformers import AutoTokenizer
-
     with _reading(workdir) as checkpointer:
         saved_config, meta = _checked_meta(checkpointer, workdir, step_index)
         config, base = config or saved_config, meta["base"]["path"]
         task = tasks.get(config.task)
         mesh = mesh or sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
         saved = set(meta["trainable"])
-        model = load_model(config, task, base, mesh, AutoTokenizer.from_pretrained(base).pad_token_id, skip=saved)
-        model, trainable = prepare_model(model, config, task, training=False)
+        tokenizer = load_tokenizer(config, base)
+        model = load_model(config, task, base, mesh, tokenizer.pad_token_id, skip=saved)
+        new_vocab = check_vocab(config, tokenizer, model.config.vocab_size, base)
+        model, trainable = prepare_model(model, config, task, training=False, new_vocab=new_vocab)
         model_def, params, frozen = step.split_model(model, trainable)
         if set(params) != saved:
             raise ResumeMismatchError(f"{workdir}: the checkpoint's trainable params differ from what its config "

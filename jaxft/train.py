@@ -53,11 +53,9 @@ def train(config) -> dict[str, Any]:
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     source = hf.resolve(config.model.path, config.model.revision)
-    read_model_config(source.path)  # config.json checked in jaxft's terms (file and key) before transformers reads it
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    hf_config = read_model_config(source.path)[0]  # config.json checked in jaxft's terms before transformers reads it
+    tokenizer = run_lib.load_tokenizer(config, source.path)  # with model.add_tokens and data.chat_template
+    run_lib.check_vocab(config, tokenizer, hf_config["vocab_size"], source.path)  # before the data is read
     task = tasks.get(config.task)
     data = task.data(config, tokenizer)  # read and checked before the model loads or anything compiles
     training = run_lib.build_training(config, mesh, source.path, tokenizer)

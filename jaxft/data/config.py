@@ -228,15 +228,7 @@ def resolve(config: Any, *, process_index: int | None = None,
         validation_spec = list(validation_spec.values())
     validation = tuple(_parse_sources(validation_spec, "data.validation")) if validation_spec is not None else ()
 
-    template = values["chat_template"]
-    if template is not None:
-        if not isinstance(template, str):
-            raise DataError(f"data.chat_template must be a Jinja string or a file path, got {template!r}")
-        if "{" not in template:
-            if not os.path.isfile(template):
-                raise DataError(f"data.chat_template: no such template file {template!r}")
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
+    template = read_chat_template(values["chat_template"])
 
     return DataSettings(
             stages=stages, validation=validation, validation_names=names,
@@ -249,6 +241,20 @@ def resolve(config: Any, *, process_index: int | None = None,
             cache_dir=values["cache_dir"], packing_bins=int(values["packing_bins"]),
             prefetch=int(values["prefetch"]), batch_size=int(batch_size), seed=int(seed),
             process_index=index, process_count=count)
+
+
+def read_chat_template(template: Any) -> str | None:
+    """data.chat_template as Jinja text: the string itself, or the file it names (no "{" in it)."""
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise DataError(f"data.chat_template must be a Jinja string or a file path, got {template!r}")
+    if "{" not in template:
+        if not os.path.isfile(template):
+            raise DataError(f"data.chat_template: no such template file {template!r}")
+        with open(template, encoding="utf-8") as f:
+            template = f.read()
+    return template
 
 
 def _is_int(value: Any) -> bool:

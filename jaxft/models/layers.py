@@ -86,16 +86,26 @@ def _dequantize_matmul(x: jnp.ndarray, weight: nnx.Module, dtype) -> jnp.ndarray
 
 
 class Embed(nnx.Module):
+    """`adapter` (jaxft.peft.token_rows; models never set it) replaces some rows where they are used:
+    `adapter.embed(ids, x)` after the lookup, `adapter.project(x, logits)` after the tied projection."""
+
     def __init__(self, num_embeddings: int, features: int, *, param_dtype, dtype, rngs: nnx.Rngs):
         self.weight = param(rngs, nnx.initializers.normal(0.02), (num_embeddings, features), param_dtype, (Axis.VOCAB, Axis.EMBED))
         self.dtype = dtype
+        self.adapter = nnx.data(None)
 
     def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        x = jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        if self.adapter is not None and not _ADAPTERS_OFF.get():
+            x = self.adapter.embed(ids, x)
+        return x
 
     def attend(self, x: jnp.ndarray) -> jnp.ndarray:
         """Tied output projection: logits against the embedding table."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        y = jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype))
+        if self.adapter is not None and not _ADAPTERS_OFF.get():
+            y = self.adapter.project(x, y)
+        return y
 
 
 class RMSNorm(nnx.Module):
