@@ -237,6 +237,10 @@ def test_tokenizer_larger_than_vocab_fails_before_compiling(tmp_path, monkeypatc
     with pytest.raises(ValueError) as err:
         train_lib.train(config)
     message = str(err.value)
-    assert re.search(r"tokenizer has 1027 tokens.*vocab_size 1024", message), message
-    assert "add the tokens to the model (resize its embedding) or use the model's own tokenizer" in message
+    assert re.search(r"tokenizer has 1027 tokens but the model's vocab_size is 1024", message), message
+    assert "list the new tokens in model.add_tokens" in message
     assert "\n" not in message
+    # Listing them grows the embedding to the tokenizer: the run gets as far as compiling.
+    config.model.add_tokens = ("<extra_a>", "<extra_b>", "<extra_c>")
+    with pytest.raises(AssertionError, match="compiled before the vocabulary check"):
+        train_lib.train(config)
