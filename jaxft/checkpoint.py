@@ -35,9 +35,11 @@ log = logging.getLogger("jaxft.checkpoint")
 # The config keys whose change makes a resume a different run, for every task (override:
 # checkpoint.allow_changes); each task adds its own (Task.resume_keys).
 RESUME_SENSITIVE_KEYS = ("task", "model.path", "model.quantize", "data.train", "data.seq_len", "train.batch_size",
-                         "lora.rank", "lora.targets", "lora.use_dora")
+                         "lora.rank", "lora.targets", "lora.use_dora", "peft.method",
+                         "peft.num_virtual_tokens", "peft.prefix_projection", "peft.encoder_hidden_size")
 # Keys added after checkpoints were first written: absent from an older checkpoint means the default.
-_ADDED_KEYS = {"task": "causal_lm", "classification.labels": []}
+_ADDED_KEYS = {"task": "causal_lm", "classification.labels": [], "peft.method": "lora", "peft.num_virtual_tokens": 20,
+               "peft.prefix_projection": False}
 
 
 FINGERPRINT_PREFIX = "sha256:"  # fingerprints of every byte; older checkpoints hold a 16-hex-digit legacy one

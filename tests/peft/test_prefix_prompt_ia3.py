@@ -211,3 +211,94 @@ def test_one_train_step_matches_peft(family, name, method):
         assert np.abs(np.asarray(params[path]).reshape(expected.shape) - expected).max() > 1e-4, f"{path} did not move"
         worst = max(worst, np.abs(after - expected).max())
     assert worst <= TOL, f"{name}/{method}: max |jaxft - peft| after one step = {worst:.2e}"
+
+
+# --- export: PEFT's own files, loaded by PeftModel.from_pretrained --------------------------------
+def method_meta(method, folder):
+    name = {"prefix": "prefix_tuning", "prefix_projection": "prefix_tuning", "ia3": "ia3"}.get(method, "prompt_tuning")
+    peft_keys = {"prefix_projection": method == "prefix_projection",
+                 "encoder_hidden_size": ENCODER if method == "prefix_projection" else None,
+                 "prompt_tuning_init": "TEXT" if method == "prompt_text" else "RANDOM",
+                 "prompt_tuning_init_text": INIT_TEXT if method == "prompt_text" else None}
+    return name, {"config": {"peft": {"method": name, **peft_keys}}, "base": {"path": folder}}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_peft_export_is_what_peft_writes_and_loads_with_our_logits(family, method, tmp_path):
+    import warnings
+
+    from safetensors import safe_open
+
+    from jaxft.peft.peft_format import write_adapter
+
+    folder, torch_model = family("llama")
+    torch_peft = peft_model(torch_model, method, folder)
+    model = jaxft_model(folder, method)
+    copy_weights(torch_peft, model)
+    name, meta = method_meta(method, folder)
+    _, params, _ = step.split_model(model, is_lora_param)
+    write_adapter(name, model, params, meta, str(tmp_path / "ours"))
+    torch_peft.save_pretrained(tmp_path / "theirs")
+
+    def tensors(path):
+        with safe_open(str(path / "adapter_model.safetensors"), "np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    ours, theirs = tensors(tmp_path / "ours"), tensors(tmp_path / "theirs")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], atol=1e-6, err_msg=key)
+    import json
+
+    our_config, their_config = (json.load(open(tmp_path / d / "adapter_config.json")) for d in ("ours", "theirs"))
+    skip = {"peft_version", "base_model_name_or_path", "tokenizer_name_or_path", "target_modules"}
+    assert {k: v for k, v in our_config.items() if k not in skip} == \
+        {k: v for k, v in their_config.items() if k not in skip}
+    assert sorted(our_config.get("target_modules") or []) == sorted(their_config.get("target_modules") or [])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "ours")).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    ids, mask, positions = padded_batch(model.config.vocab_size, batch=3, length=12)
+    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    diff = np.abs(got - peft_logits(loaded, method, ids, mask, positions))[mask.astype(bool)].max()
+    assert diff <= TOL, f"{method}: max |jaxft - loaded PEFT export| = {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_ia3_merged_hf_export_equals_the_adapter(family, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from jaxft.testing import torch_logits
+
+    folder, torch_model = family(name)
+    torch_peft = peft_model(torch_model, "ia3", folder)
+    model = jaxft_model(folder, "ia3")
+    copy_weights(torch_peft, model)
+    ids, mask, positions = padded_batch(model.config.vocab_size, batch=3, length=12)
+    with_adapter = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    ia3_lib.merge_ia3(model)
+    jaxft.save_pretrained(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    diff = np.abs(torch_logits(merged, ids, mask, positions) - with_adapter)[mask.astype(bool)].max()
+    assert diff <= TOL, f"{name}: merged export vs adapter logits {diff:.2e}"
+    theirs = torch_peft.merge_and_unload().state_dict()
+    for key, value in merged.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), theirs[key].numpy(), atol=1e-6, err_msg=key)
+
+
+# --- generation: the virtual tokens as the KV cache's first slots ----------------------------------
+@pytest.mark.parametrize("method", ["prefix", "prompt_random"])
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_cached_generation_equals_recomputation(family, name, method):
+    from jaxft.generate import generate
+
+    folder, torch_model = family(name)
+    model = jaxft_model(folder, method)
+    copy_weights(peft_model(torch_model, method, folder), model)
+    prompts = [[5, 17, 3], [9, 2, 44, 61, 8, 30, 7], [12]]
+    cached = generate(model, prompts, 10, use_cache=True)
+    assert cached == generate(model, prompts, 10, use_cache=False)
+    base = generate(jaxft.from_pretrained(folder), prompts, 10)
+    assert cached != base, "the adapter must change what is generated"
