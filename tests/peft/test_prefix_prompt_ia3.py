@@ -237,6 +237,7 @@ def test_peft_export_is_what_peft_writes_and_loads_with_our_logits(family, metho
     copy_weights(torch_peft, model)
     name, meta = method_meta(method, folder)
     _, params, _ = step.split_model(model, is_lora_param)
+    (tmp_path / "ours").mkdir()
     write_adapter(name, model, params, meta, str(tmp_path / "ours"))
     torch_peft.save_pretrained(tmp_path / "theirs")
 
