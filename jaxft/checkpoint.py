@@ -36,10 +36,12 @@ log = logging.getLogger("jaxft.checkpoint")
 # checkpoint.allow_changes); each task adds its own (Task.resume_keys).
 RESUME_SENSITIVE_KEYS = ("task", "model.path", "model.quantize", "data.train", "data.seq_len", "train.batch_size",
                          "lora.rank", "lora.targets", "lora.use_dora", "model.add_tokens", "model.add_special_tokens",
-                         "model.pad_vocab_multiple")
+                         "model.pad_vocab_multiple", "peft.method", "peft.num_virtual_tokens",
+                         "peft.prefix_projection", "peft.encoder_hidden_size")
 # Keys added after checkpoints were first written: absent from an older checkpoint means the default.
 _ADDED_KEYS = {"task": "causal_lm", "classification.labels": [], "model.add_tokens": [],
-               "model.add_special_tokens": [], "model.pad_vocab_multiple": 1}
+               "model.add_special_tokens": [], "model.pad_vocab_multiple": 1, "peft.method": "lora",
+               "peft.num_virtual_tokens": 20, "peft.prefix_projection": False}
 
 
 FINGERPRINT_PREFIX = "sha256:"  # fingerprints of every byte; older checkpoints hold a 16-hex-digit legacy one

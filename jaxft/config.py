@@ -152,6 +152,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.lora.use_rslora = False
     c.lora.use_dora = False
 
+    # Which adapter trains (jaxft.peft.methods); names and defaults as PEFT's configs. Methods other than lora
+    # ignore lora.*; prefix/prompt tuning export only as PEFT adapters (they cannot be merged into weights).
+    c.peft = ml_collections.ConfigDict()
+    c.peft.method = "lora"  # lora (lora.*; lora.rank=0: full fine-tuning) | prefix_tuning | prompt_tuning | ia3
+    c.peft.num_virtual_tokens = 20  # prefix/prompt tuning: virtual tokens before every sequence
+    c.peft.prefix_projection = False  # prefix tuning: PEFT's reparameterization MLP (embedding -> tanh MLP -> prefix)
+    c.peft.encoder_hidden_size = ml_collections.FieldReference(None, field_type=int)  # its hidden size (None: kv heads x head_dim)
+    c.peft.prompt_tuning_init = "RANDOM"  # prompt tuning: RANDOM | TEXT | SAMPLE_VOCAB (PEFT's PromptTuningInit)
+    c.peft.prompt_tuning_init_text = ml_collections.FieldReference(None, field_type=str)  # TEXT: the starting text
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = {"data": -1}  # axes data, fsdp, tensor; -1 takes the remaining devices
     c.mesh.coordinator = ml_collections.FieldReference(None, field_type=str)  # multi-host: "host:port"
@@ -324,7 +334,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
         with _in_config_terms({"quantization mode": "model.quantize"}):
             quant.check_mode(config.model.quantize)
-    need(config.model.quantize == "none" or config.lora.rank > 0,
+    from jaxft.peft import methods as peft_methods
+
+    peft_methods.settings(config)  # peft.method and its keys
+    need(config.model.quantize == "none" or peft_methods.is_adapter_run(config),
          f"model.quantize={config.model.quantize} needs LoRA (lora.rank > 0): quantized base weights are frozen "
          "and cannot be fully fine-tuned")
     need(config.checkpoint.every > 0, f"checkpoint.every must be > 0, got {config.checkpoint.every}")
@@ -341,7 +354,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "instead; leave lm_head out of lora.targets")
     optimizer_settings(config)
     step_settings(config)
-    if config.lora.rank:
+    if config.lora.rank and peft_methods.method(config) == "lora":
         lora_settings(config)
 
     from jaxft import tasks

@@ -64,12 +64,22 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
     model, meta = trained.model(), trained.meta
     config = meta["config"]
     check_destination(out, workdir, [meta["base"]["path"]], overwrite)  # a hub id resolved to its cache folder
-    if format == "peft" and not config["lora"]["rank"]:
+    from jaxft.peft import methods as peft_methods
+
+    method = peft_methods.method(config)
+    if format == "peft" and not peft_methods.is_adapter_run(config):
         raise ValueError(f"{workdir} is a full fine-tuning run (lora.rank=0): it has no adapter; use --format hf")
     rows = token_rows.adapters(model)  # model.add_tokens: the new vocabulary's rows
+    if format == "hf" and method in peft_methods.VIRTUAL:
+        raise ValueError(f"{workdir} trained {method}: its virtual tokens cannot be merged into the weights; "
+                         "export it with --format peft")
     with _staged(out) as staging:
         if format == "hf":
-            if config["lora"]["rank"]:
+            if method == "ia3":
+                from jaxft.peft.ia3 import merge_ia3
+
+                merge_ia3(model)
+            elif config["lora"]["rank"]:
                 from jaxft.peft.lora import merge_lora
 
                 merge_lora(model)
@@ -78,6 +88,11 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
 
             dequantize_model(model)  # QLoRA: base Linears that no adapter targeted are still quantized
             save_pretrained(model, staging, dtype=dtype)
+        elif method != "lora":
+            from jaxft.peft.peft_format import write_adapter
+
+            write_adapter(method, model, trained.params, meta, staging, dtype, trained.task.export_info())
+            hf.copy_tokenizer_files(meta["base"]["path"], staging)
         else:
             write_peft_adapter(trained.params, meta, staging, dtype, fused_parts(model), trained.task.export_info(),
                                rows, model.config.tie_word_embeddings)

@@ -38,6 +38,7 @@ import numpy as np
 from jaxft import config as config_lib
 from jaxft import sharding, step
 from jaxft import run as run_lib
+from jaxft.peft import methods as peft_methods
 
 log = logging.getLogger("jaxft.plan")
 
@@ -270,6 +271,9 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
         softcap=hf_config.get("attn_logit_softcapping") is not None)
     settings = {"micro_batch": micro, "grad_accum": accum, "seq_len": seq, "remat": config.train.remat,
                 "loss_chunk": config.train.loss_chunk, "lora_rank": config.lora.rank, "quantize": quantize,
+                "peft_method": peft_methods.method(config), "trainable_params": sum(int(np.prod(x.shape)) for x in
+                                                                                    state.params.values()),
+                "virtual_tokens": peft_methods.virtual_tokens(config),  # extra key/value length of every sequence
                 "attention": implementation}
     return Estimate(rows, settings)
 
@@ -473,7 +477,11 @@ def preflight(config, mesh) -> Plan | None:
 def _header(config, hf_config, sizes, est, name) -> str:
     s = est.settings
     mesh = " × ".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "1 device"
+    method = peft_methods.method(config)
     what = f"LoRA r{config.lora.rank}" if config.lora.rank else "full fine-tuning"
+    if method != "lora":
+        what = f"{method} ({s['trainable_params']:,} trained params" + (
+            f"; +{s['virtual_tokens']} key/value positions per sequence)" if s["virtual_tokens"] else ")")
     return (f"jaxft plan{' ' + name if name else ''}: {config.model.path} ({hf_config.get('model_type')}), {what}\n"
             f"  mesh {mesh}; micro-batch {s['micro_batch']} × seq {s['seq_len']} per device, grad_accum "
             f"{s['grad_accum']}; remat {s['remat']}; loss_chunk {s['loss_chunk']}; attention {s['attention']}; "

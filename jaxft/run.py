@@ -26,6 +26,7 @@ from jaxft import config as config_lib
 from jaxft import optim, sharding, step, tasks, vocab
 from jaxft.models import attention as attn_lib
 from jaxft.peft import lora, quant, token_rows
+from jaxft.peft import methods as peft_methods
 from jaxft.pretrained import from_pretrained, init_random
 from jaxft.tasks.base import Task
 
@@ -65,7 +66,10 @@ def prepare_model(model, config, task: Task, training: bool = True, mesh=None, a
         vocab.grow(model, new_vocab, seed=config.train.seed)
     if config.model.quantize != "none":
         quant.quantize_model(model, config.model.quantize)
-    if config.lora.rank:
+    if peft_methods.method(config) != "lora":  # prefix/prompt tuning, IA3: lora.* does not apply
+        peft_methods.apply(model, config, seed=config.train.seed, abstract=abstract)
+        trainable = lora.is_lora_param
+    elif config.lora.rank:
         targets = config.lora.targets if isinstance(config.lora.targets, str) else tuple(config.lora.targets)
         lora.apply_lora(model, config_lib.lora_settings(config, task.lora_targets(model, targets)),
                         seed=config.train.seed)

@@ -46,6 +46,9 @@ class MaskInfo(NamedTuple):
     q_segment: jnp.ndarray  # [B, T] int32: packed-document id
     kv_segment: jnp.ndarray  # [B, S] int32
     kv_valid: jnp.ndarray  # [B, S] bool: False for padding keys
+    # Keys at indices below this are visible to every segment (prefix/prompt tuning's virtual tokens
+    # in packed rows: each packed document sees them as if it were alone). A Python int: static.
+    kv_shared: int = 0
 
     @classmethod
     def for_sequence(cls, batch: int, length: int, attention_mask=None, segment_ids=None) -> "MaskInfo":
@@ -59,9 +62,13 @@ class MaskInfo(NamedTuple):
         """bool [B, T, S]: causal, same segment, valid key, and within `window` keys of the query
         (None: no window)."""
         distance = self.q_index[:, :, None] - self.kv_index[:, None, :]  # [B, T, S]
-        allowed = ((distance >= 0) & (self.q_segment[:, :, None] == self.kv_segment[:, None, :])
-                   & self.kv_valid[:, None, :])
+        allowed = (distance >= 0) & self.same_segment() & self.kv_valid[:, None, :]
         return allowed if window is None else allowed & (distance < window)
+
+    def same_segment(self) -> jnp.ndarray:
+        """bool [B, T, S]: the key is in the query's segment (or shared by all, see kv_shared)."""
+        same = self.q_segment[:, :, None] == self.kv_segment[:, None, :]
+        return same if not self.kv_shared else same | (self.kv_index[:, None, :] < self.kv_shared)
 
 
 def default_positions(mask: MaskInfo) -> jnp.ndarray:

@@ -105,7 +105,7 @@ def _nn_run(implementation: str):
         known, static = static_window(window, k.shape[1])
         # Only what the flags cannot say goes into the dense mask, so that on CPU the "jax" parity
         # tests check the flags' meaning (is_causal, local_window_size), not just a mask we built.
-        allowed = (mask.q_segment[:, :, None] == mask.kv_segment[:, None, :]) & mask.kv_valid[:, None, :]  # [B, T, S]
+        allowed = mask.same_segment() & mask.kv_valid[:, None, :]  # [B, T, S]
         distance = mask.q_index[:, :, None] - mask.kv_index[:, None, :]
         if not causal:
             allowed &= distance >= 0
@@ -130,6 +130,8 @@ SPLASH_BLOCKS = (512, 256, 128)  # largest that divides the length; kv blocks mu
 def _splash_unsupported(q, k, v, mask, window, softcap):
     if not full_sequence(mask, q, k):
         return "queries against a KV cache (q_index is not kv_index)"
+    if mask.kv_shared:
+        return "virtual tokens shared by packed segments (prompt tuning with packing)"
     known, _ = static_window(window, q.shape[1])
     if not known:
         return "the sliding window is a traced (per-layer scanned) value; splash masks are static"

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import attention as attn_lib
+from jaxft.models import virtual as virtual_lib
 from jaxft.models.kv_cache import KVCache, write_layer
-from jaxft.models.layers import ACTIVATIONS, Axis, Embed, Linear, RMSNorm, constrain, scan_layers, stack_layers
+from jaxft.models.layers import (ACTIVATIONS, Axis, Embed, Linear, RMSNorm, adapters_enabled, constrain, scan_layers,
+                                 stack_layers)
 from jaxft.models.rope import Rotary, apply_rotary
 
 
@@ -94,9 +96,10 @@ class Attention(nnx.Module):
         self.softcap = spec.attn_softcap
         self.implementation = "xla"
 
-    def __call__(self, x, cos, sin, mask: attn_lib.MaskInfo, window, cache=None):
+    def __call__(self, x, cos, sin, mask: attn_lib.MaskInfo, window, cache=None, prefix=None):
         """x [B, T, D] → [B, T, D]. cache: this layer's (keys, values, index); the new keys and values
-        are written at `index` and the queries attend over the whole cache; returns (out, (keys, values))."""
+        are written at `index` and the queries attend over the whole cache; returns (out, (keys, values)).
+        prefix: prefix tuning's (keys, values) [N, K, D], attended before the sequence's own (see virtual.py)."""
         batch, length, _ = x.shape
         q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)  # [B, T, H, D]
         k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)  # [B, T, K, D]
@@ -107,6 +110,9 @@ class Attention(nnx.Module):
         if cache is not None:
             cached_keys, cached_values, index = cache
             k, v = write_layer(cached_keys, cached_values, k, v, index)  # [B, S, K, D]
+        if prefix is not None:
+            k, v = (jnp.concatenate([jnp.broadcast_to(p[None], (batch, *p.shape)).astype(t.dtype), t], axis=1)
+                    for p, t in zip(prefix, (k, v)))  # [B, N + T, K, D]
         out = attn_lib.attention(q, k, v, mask, window, self.scale, self.implementation, softcap=self.softcap)
         out = self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
         return out if cache is None else (out, (k, v))
@@ -147,8 +153,8 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(spec, **kw)
         self.sandwich_norms = spec.sandwich_norms
 
-    def __call__(self, x, cos, sin, mask, window, cache=None):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, cache)
+    def __call__(self, x, cos, sin, mask, window, cache=None, prefix=None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, cache, prefix)
         if cache is not None:
             attended, cache = attended
         if self.sandwich_norms:
@@ -172,6 +178,7 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
         self.spec = spec
         self.dtype = dtype
+        self.virtual = nnx.data(None)  # prefix/prompt tuning's virtual tokens (jaxft.peft sets it; see virtual.py)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, remat: str = "none",
                  cache: KVCache | None = None):
@@ -189,12 +196,32 @@ class Decoder(nnx.Module):
             mask, default_positions, cache = cache.step_inputs(batch, length, attention_mask)
         if positions is None:
             positions = default_positions
-        tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
-        x = self.embed_tokens(input_ids)
-        if spec.embed_scale is not None:
+        x = self.scale_embeddings(self.embed_tokens(input_ids))
+        virtual = self.virtual if cache is None and adapters_enabled() else None  # cached: already in the cache
+        prefix, prompt_length = None, 0
+        if virtual is not None and virtual.kind == "prefix":
+            mask, positions = virtual_lib.prefix_inputs(virtual.num_virtual_tokens, mask, positions, segment_ids is not None)
+            prefix = virtual.key_values(self.dtype)  # each [L, N, K, D]
+        elif virtual is not None:
+            prompt_length = virtual.num_virtual_tokens
+            mask, positions = virtual_lib.prompt_inputs(prompt_length, mask, positions, segment_ids is not None)
+            prompt = jnp.broadcast_to(virtual.embeddings(x.dtype)[None], (batch, prompt_length, x.shape[-1]))
+            # [B, N + T, D]. After Gemma's √hidden scale: transformers 5 scales inside the embedding
+            # module, so PEFT's prompt (given as inputs_embeds) is not scaled.
+            x = jnp.concatenate([prompt, x], axis=1)
+        return self._layers(x, mask, positions, remat, cache, prefix)[:, prompt_length:] if cache is None \
+            else self._layers(x, mask, positions, remat, cache, prefix, write_at)
+
+    def scale_embeddings(self, x):
+        if self.spec.embed_scale is not None:
             # HF casts the scale to the embedding's dtype first (√3072 becomes 55.5 in bf16).
-            x = x * jnp.asarray(spec.embed_scale, self.embed_tokens.weight.dtype).astype(x.dtype)
-        x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+            x = x * jnp.asarray(self.spec.embed_scale, self.embed_tokens.weight.dtype).astype(x.dtype)
+        return constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+
+    def _layers(self, x, mask, positions, remat="none", cache=None, prefix=None, write_at=None):
+        """The decoder layers and final norm over embedded inputs x [B, T, D]; with a cache, (hidden, cache)."""
+        spec = self.spec
+        tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
         windows = jnp.asarray([attn_lib.NO_WINDOW if w is None else w for w in spec.windows], jnp.int32)  # [L]
         # A RoPE table per layer (Gemma 3: local vs global) is picked by an index scanned with the window.
         cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
@@ -204,11 +231,11 @@ class Decoder(nnx.Module):
         uniform_window = len(set(spec.windows)) == 1
         if cache is None:
             def body(layer, x, inputs):
-                window, table = inputs
+                window, table, *layer_prefix = inputs
                 window = spec.windows[0] if uniform_window else window
-                return layer(x, cos_all[table], sin_all[table], mask, window)
+                return layer(x, cos_all[table], sin_all[table], mask, window, prefix=layer_prefix or None)
 
-            return self.norm(scan_layers(self.layers, x, per_layer, body, remat=remat))
+            return self.norm(scan_layers(self.layers, x, (*per_layer, *(prefix or ())), body, remat=remat))
 
         def cached_body(layer, x, inputs):  # also carries this layer's cache slice in and out
             window, table, keys, values = inputs
@@ -267,8 +294,20 @@ class CausalLM(DecoderModel):
         return constrain(self.logits(hidden), (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
 
     def init_cache(self, batch: int, size: int) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `size` tokens, in the compute dtype."""
-        return KVCache.create(self.model.spec, batch, size, self.dtype)
+        """A KV cache for `batch` rows of up to `size` tokens, in the compute dtype: empty, or with
+        prefix/prompt tuning's N virtual tokens already in its first N slots (size + N in all)."""
+        virtual = self.model.virtual if adapters_enabled() else None
+        if virtual is None:
+            return KVCache.create(self.model.spec, batch, size, self.dtype)
+        n = virtual.num_virtual_tokens
+        cache = KVCache.create(self.model.spec, batch, size + n, self.dtype)
+        if virtual.kind == "prefix":
+            return virtual_lib.write_prefix(cache, *virtual.key_values(self.dtype))
+        # Prompt tuning: run the virtual tokens through the layers once, as a prefill would.
+        write_at = cache.index
+        mask, positions, cache = cache.step_inputs(batch, n)
+        prompt = jnp.broadcast_to(virtual.embeddings(self.dtype)[None], (batch, n, self.model.spec.hidden_size))
+        return self.model._layers(prompt, mask, positions, cache=cache, write_at=write_at)[1]
 
     def decode(self, input_ids, cache: KVCache, attention_mask=None, last_only: bool = False):
         """Logits of new tokens [B, T] given the cache of the tokens before them → (logits, cache).

@@ -230,6 +230,11 @@ def adapters_disabled():
         _ADAPTERS_OFF.reset(token)
 
 
+def adapters_enabled() -> bool:
+    """False inside adapters_disabled() (what non-Linear adapters, e.g. prefix tuning's virtual tokens, check)."""
+    return not _ADAPTERS_OFF.get()
+
+
 # --- activation sharding -------------------------------------------------------------------------
 # `jaxft.sharding.activate(mesh, rules)` sets this; models stay free of training and mesh code.
 _LOGICAL_TO_SPEC: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxft_logical_to_spec", default=None)
