@@ -100,9 +100,11 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
         if vocab.changes_tokenizer(trained.config) and jax.process_index() == 0:  # the tokens and template it trained with
             vocab.save_tokenizer(vocab.load_tokenizer(trained.config, meta["base"]["path"]), staging)
         if rows and format == "peft":
-            log.info("PEFT adapter with new tokens: load it on the base resized as it was trained, "
-                     "base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=%d) with the tokenizer in %s "
-                     "(vocab_size %d)", trained.config.model.pad_vocab_multiple, out, model.config.vocab_size)
+            log.warning("PEFT adapter with new tokens (trainable_token_indices: PEFT >= 0.15; an untied lm_head's "
+                        "needs huggingface/peft#2863, Oct 2025): load it on the base resized as it was trained, "
+                        "base.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=%d) with the tokenizer in %s "
+                        "(vocab_size %d). vLLM and llama.cpp do not read trainable token rows: serve those from "
+                        "--format hf", trained.config.model.pad_vocab_multiple, out, model.config.vocab_size)
         if jax.process_index() == 0:
             hf.write_json(staging, EXPORT_MARKER, {"workdir": os.path.abspath(workdir), "step": trained.step,
                                                    "format": format, "dtype": dtype})
