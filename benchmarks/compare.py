@@ -28,18 +28,21 @@ def run_side(script: str, argv: list[str]) -> dict:
     return json.loads(out.stdout[out.stdout.index("{"):])
 
 
-def main(argv=None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    side_argv = [a for i, a in enumerate(argv) if not (a == "--out" or (i and argv[i - 1] == "--out") or a.startswith("--out="))]
-    jaxft_result = run_side("train_throughput.py", side_argv)
-    baseline = run_side("hf_peft_baseline.py", side_argv)
+def combine(jaxft_result: dict, baseline: dict) -> dict:
+    """compare.py's JSON: both sides and jaxft / baseline ratios of tokens/s and peak memory."""
     ratios = {}
     if "error" not in jaxft_result and "error" not in baseline:
         ratios["tokens_per_second"] = jaxft_result["tokens_per_second"] / baseline["tokens_per_second"]
         if jaxft_result.get("peak_memory_bytes") and baseline.get("peak_memory_bytes"):
             ratios["peak_memory"] = jaxft_result["peak_memory_bytes"] / baseline["peak_memory_bytes"]
-    return emit({"benchmark": "compare", "jaxft": jaxft_result, "transformers_peft": baseline, "ratios": ratios}, args.out)
+    return {"benchmark": "compare", "jaxft": jaxft_result, "transformers_peft": baseline, "ratios": ratios}
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    side_argv = [a for i, a in enumerate(argv) if not (a == "--out" or (i and argv[i - 1] == "--out") or a.startswith("--out="))]
+    return emit(combine(run_side("train_throughput.py", side_argv), run_side("hf_peft_baseline.py", side_argv)), args.out)
 
 
 if __name__ == "__main__":

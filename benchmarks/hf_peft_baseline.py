@@ -33,7 +33,8 @@ def run(args) -> dict:
     config = transformers.AutoConfig.for_model(model_type, **hf_config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.param_dtype]
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").to(device)
+    with torch.device(device):  # built on the device: an 8B random init on the host alone takes minutes
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     total = sum(p.numel() for p in model.parameters())
     if args.remat != "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -27,6 +27,30 @@ Scripts print one JSON object each; results are committed under `results/` as
 | `compare.py` | both of the above in one run, with the ratios |
 | `data.py` | tokenize + mask + pack tokens/s for chat data |
 | `rollout.py` | sampled tokens/s: jaxft's KV-cache generator vs transformers' generate (TRL GRPO without vLLM) |
+| `family_parity.py` | each family's logits vs transformers on the default backend, fp32 and bf16 |
+| `profile_summary.py` | the top ops by time of a `jax.profiler` trace (`train_throughput.py --profile DIR`) |
+| `accelerator_suite.py` | every accelerator figure in one call within a time budget (below) |
+
+## The accelerator suite
+One call on the lent H200 (15 minutes of device time per issue, a bare machine each call) brings
+back every figure: the cuDNN attention tests, fp32/bf16 logits parity of every family, full FT of
+the Llama-3.2-1B shape and LoRA r16 of the Llama-3.1-8B shape at seq 2048 against transformers +
+PEFT (after a short sweep of remat, micro-batch, loss chunk and attention), QLoRA NF4 8B peak
+memory, and a profile of the best full-FT step. First, here (where pip reaches the registry), build
+the wheels of what the device image lacks (`.whl/`, checked against the 64 MiB a call carries):
+
+    bash benchmarks/wheels.sh
+
+then make exactly one device call, carrying the wheelhouse:
+
+    run(command="bash benchmarks/wheels.sh && python3 benchmarks/accelerator_suite.py --budget 540",
+        carry=[".whl"], timeout_s=600)
+
+On the device `wheels.sh` finds the wheelhouse complete and only checks it; the suite installs it,
+runs each part in its own subprocess and timeout, skips what the budget no longer allows, and
+writes its JSONs to `results/` and `$OUT` (copy them from the call's files into `results/`, then
+run `python benchmarks/make_readme.py`). `python benchmarks/accelerator_suite.py --smoke` runs
+every part on tiny presets on CPU (tests/benchmarks/test_accelerator_suite.py).
 
 ## Results
 """
@@ -62,6 +86,32 @@ def summarize(name: str, r: dict) -> str:
         dpo = r["jaxft"].get("objective") == "dpo"
         what = f"{r['jaxft'].get('preset')} {r['jaxft'].get('mode')}" + (" DPO" if dpo else "")
         return f"{what}: jaxft/{'TRL' if dpo else 'HF'} tokens/s = {ratio:.2f}" if ratio else "failed"
+    if kind == "compare" and r.get("workload"):
+        j, ratios = r.get("jaxft") or {}, r.get("ratios") or {}
+        if "tokens_per_second" not in j:
+            return f"{r['workload']}: no jaxft trial finished"
+        mfu = f", MFU {j['mfu']:.1%}" if j.get("mfu") else ""
+        memory = f", ×{ratios['peak_memory']:.2f} its memory" if ratios.get("peak_memory") else ""
+        versus = f"; ×{ratios['tokens_per_second']:.2f} HF PEFT tok/s{memory}" if ratios.get("tokens_per_second") else ""
+        return (f"{j['preset']} {j['mode']} b{j['batch']}×{j['seq']} ({' '.join(r.get('best_settings') or [])}): "
+                f"{j['tokens_per_second']:,.0f} tok/s{mfu}{versus}")
+    if kind == "accelerator_suite":
+        met = [f"{g['part']} {'met' if g['met'] else 'not met' if g['met'] is False else 'n/a'}" for g in r["goals"]]
+        parts = ", ".join(f"{k} {v['status']}" for k, v in r["parts"].items())
+        return f"{'smoke: ' if r.get('smoke') else ''}{r['elapsed_seconds']:.0f} s; {parts}; goals: {', '.join(met)}"
+    if kind == "attention_tests":
+        return f"{r.get('command')}: {r.get('passed')} passed, {r.get('failed')} failed, {r.get('skipped')} skipped"
+    if kind == "family_parity":
+        return (f"{len(r['cases'])} families: fp32 worst {r['worst_fp32_max_abs']:.1e} (highest precision "
+                f"{r['worst_fp32_highest_max_abs']:.1e}); bf16 worst {r['worst_bf16_max_abs']:.2e} abs, "
+                f"{r['worst_bf16_relative']:.1e} relative") if r.get("worst_bf16_relative") is not None else "no case ran"
+    if kind == "profile":
+        top = ", ".join(f"{o['op']} {o['share']:.0%}" for o in r["ops"][:3])
+        return f"{' '.join(r['settings'])}: step {r['step_seconds'] * 1e3:.0f} ms; top ops {top}"
+    if kind == "train_throughput" and r.get("quantize", "none") != "none":
+        peak = r.get("peak_memory_measured_bytes") or r.get("peak_memory_bytes") or (r.get("compiled_memory") or {}).get("peak_bytes")
+        return (f"QLoRA {r['quantize']} {r['preset']} b{r['batch']}×{r['seq']}: peak {peak / 2**30:.2f} GiB"
+                f" ({r.get('peak_memory_source', 'allocator')}), {r['tokens_per_second']:,.0f} tok/s")
     if kind == "data":
         return f"chat tokenize+mask+pack: {r['min_end_to_end_tokens_per_second']:,.0f} tokens/s end to end (goal {r['goal_tokens_per_second']:,})"
     if "tokens_per_second" in r:
@@ -69,15 +119,22 @@ def summarize(name: str, r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in list(r.items())[:4])
 
 
-def main(out: str | None = None) -> None:
+def main(out: str | None = None, results_dir: str | None = None) -> None:
     rows = ["| result | device | summary |", "|---|---|---|"]
-    for path in sorted(glob.glob(os.path.join(HERE, "results", "*.json"))):
+    suites = []
+    for path in sorted(glob.glob(os.path.join(results_dir or os.path.join(HERE, "results"), "*.json"))):
         with open(path) as f:
             result = json.load(f)
         device = result.get("device") or result.get("jaxft", {}).get("device", "?")
         rows.append(f"| `{os.path.basename(path)}` | {device} | {summarize(path, result)} |")
+        if result.get("benchmark") == "accelerator_suite":
+            suites.append((bool(result.get("smoke")), path, result))
+    text = HEADER + "\n".join(rows) + "\n"
+    if suites:  # the newest suite run (an accelerator's before a smoke run's): its table against the goals
+        _, path, suite = max(suites, key=lambda s: (not s[0], s[1]))
+        text += f"\n## Latest suite summary (`{os.path.basename(path)}`)\n" + suite["summary"] + "\n"
     with open(out or os.path.join(HERE, "README.md"), "w") as f:
-        f.write(HEADER + "\n".join(rows) + "\n")
+        f.write(text)
 
 
 if __name__ == "__main__":

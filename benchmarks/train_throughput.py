@@ -57,7 +57,12 @@ def run(args) -> dict:
     from jaxft.testing import train_batch
 
     hf_config = hf_config_for(args.preset)
-    model = jaxft.init_random(hf_config, dtype=args.param_dtype, compute_dtype=args.compute_dtype)
+    if args.quantize != "none":
+        if args.mode != "lora":
+            raise SystemExit("--quantize (QLoRA) needs --mode lora: the quantized base is frozen")
+        model = random_quantized_model(hf_config, args)
+    else:
+        model = jaxft.init_random(hf_config, dtype=args.param_dtype, compute_dtype=args.compute_dtype)
     trainable = lambda path, v: True  # noqa: E731
     if args.mode == "lora":
         from jaxft.peft import lora
@@ -76,9 +81,10 @@ def run(args) -> dict:
     batch["positions"] = jnp.broadcast_to(jnp.arange(args.seq, dtype=jnp.int32), (args.batch, args.seq))
     batch["segment_ids"] = jnp.ones_like(batch["segment_ids"])
     from jaxft.tasks.causal_lm import NextTokenLoss
-    from jaxft.tasks.dpo import PreferenceLoss
 
-    if args.objective == "dpo":  # --batch pairs: each row is the chosen, the next row (rolled) the rejected
+    if args.objective == "dpo":
+        from jaxft.tasks.dpo import PreferenceLoss  # imports jaxft.data (grain): only when asked
+  # --batch pairs: each row is the chosen, the next row (rolled) the rejected
         batch = {k: jnp.stack([v, jnp.roll(v, 1, axis=0)], axis=1) for k, v in batch.items()
                  if k in ("input_ids", "targets", "loss_mask", "attention_mask")}
         batch.update(sequence_mask=batch["attention_mask"].astype(jnp.float32), weight=jnp.ones((args.batch,)),
@@ -100,7 +106,23 @@ def run(args) -> dict:
         state, out = compiled(state, batch)
     jax.block_until_ready((state, out))
     seconds = (time.perf_counter() - start) / args.steps
-    total = sum(int(np.prod(x.shape)) for p, x in {**params, **frozen}.items() if ".adapter." not in p)
+    profile = None
+    if args.profile:  # a few more steps under the profiler, after the timed ones: the numbers above stay clean
+        from profile_summary import summarize
+
+        with jax.profiler.trace(args.profile):
+            for _ in range(args.profile_steps):
+                state, out = compiled(state, batch)
+            jax.block_until_ready((state, out))
+        profile = summarize(args.profile)
+        profile["steps"] = args.profile_steps
+    # Parameters of the model, not of its storage (a quantized weight counts as its dense shape).
+    from flax import nnx
+
+    from jaxft.pretrained import flat_params
+
+    dense = flat_params(nnx.eval_shape(lambda: jaxft.init_random(hf_config, dtype=args.param_dtype)))[1]
+    total = sum(int(np.prod(v.shape)) for v in dense.values())
     trained = sum(int(np.prod(x.shape)) for x in params.values())
     flops = metrics.model_flops_per_token(total, hf_config["num_hidden_layers"], hf_config["hidden_size"], args.seq,
                                           None if args.mode == "full" else trained)
@@ -119,8 +141,69 @@ def run(args) -> dict:
         "step_seconds": seconds, "tokens_per_second": tokens_per_second,
         "mfu": tokens_per_second * flops / peak if peak else None, "device_peak_flops": peak,
         "peak_memory_bytes": memory.get("peak_bytes_in_use"), "compile_seconds": compile_seconds,
-        "final_loss": float(out["loss"]),
+        "quantize": args.quantize, "compiled_memory": compiled_memory(compiled), "final_loss": float(out["loss"]),
+        **({"profile": profile} if profile else {}),
     }
+
+
+def compiled_memory(compiled) -> dict | None:
+    """XLA's buffer assignment for the step: what it needs on the device whatever ran before it
+    (the allocator's peak also counts model init). peak = arguments + outputs - donated + temporaries."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports one
+        return None
+    if m is None:
+        return None
+    fields = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp", "generated_code")}
+    fields["peak_bytes"] = fields["argument"] + fields["output"] - fields["alias"] + fields["temp"]
+    return fields
+
+
+def random_quantized_model(hf_config: dict, args):
+    """A random model whose decoder Linears are quantized (QLoRA) without the dense model ever on
+    the device: each layer of each weight is drawn, quantized and stacked in turn, as
+    jaxft.from_pretrained(..., quantize=) does from a checkpoint. Its peak memory is the QLoRA
+    run's, not that of a dense bf16 init (16 GB for 8B, over the 16 GiB goal by itself)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import jaxft
+    from jaxft.peft import quant
+    from jaxft.pretrained import flat_params
+
+    build = lambda: jaxft.init_random(hf_config, dtype=args.param_dtype, compute_dtype=args.compute_dtype)  # noqa: E731
+    dense = flat_params(nnx.eval_shape(build))[1]
+    graphdef, final = flat_params(nnx.eval_shape(lambda: quant.quantize_model(build(), args.quantize)))
+    owners = quant.quantized_parts_of(list(dense), list(final))
+    key = jax.random.key(0)
+    values = {}
+
+    @jax.jit
+    def normal(key, like):
+        return (0.02 * jax.random.normal(key, like.shape, jnp.float32)).astype(like.dtype)
+
+    for i, (path, variable) in enumerate(sorted(final.items())):
+        if path in values or any(path in parts for parts in owners.values()):
+            continue
+        like = jax.ShapeDtypeStruct(tuple(variable.shape), variable.dtype)
+        values[path] = jnp.ones(like.shape, like.dtype) if "norm" in path else normal(jax.random.fold_in(key, i), like)
+    for j, (owner, parts) in enumerate(sorted(owners.items())):
+        weight = dense[owner]
+        layer = jax.ShapeDtypeStruct(tuple(weight.shape[1:]), weight.dtype)
+        names = {p: p[len(owner) + 1:] for p in parts}
+        targets = tuple((n, jax.sharding.SingleDeviceSharding(jax.devices()[0])) for n in names.values())
+        per_layer = []
+        for layer_index in range(weight.shape[0]):
+            one = quant.quantize_layer(normal(jax.random.fold_in(key, 10_000 * (j + 1) + layer_index), layer),
+                                       args.quantize, True, targets)
+            per_layer.append(one)
+        for p, n in names.items():
+            values[p] = jnp.stack([one[n] for one in per_layer])
+        del per_layer
+    state = nnx.from_flat_state([(tuple(p.split(".")), final[p].replace(value=values[p])) for p in final])
+    return nnx.merge(graphdef, state)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -140,6 +223,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--loss-chunk", type=int, default=0, help="cross-entropy over sequence chunks (0 = whole)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "nf4"],
+                   help="QLoRA: the decoder Linears stored quantized (needs --mode lora)")
+    p.add_argument("--profile", help="after the timed steps, trace --profile-steps more into this folder and "
+                                     "report the top ops by time")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")
