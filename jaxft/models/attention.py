@@ -12,12 +12,16 @@ keys with `attention_mask == 0` are never attended.
 
 `attention(..., implementation=NAME)` runs the reference ("xla") or a fused kernel ("jax",
 "cudnn", "splash": see attention_kernels.py), falling back to the reference, with a logged
-reason, for any call a kernel cannot express exactly. `set_attention_implementation(model, name)`
+reason, for any call a kernel cannot express exactly; `record_dispatch()` counts, at trace time,
+the calls that reached their kernel and those that fell back (what tests assert on). `set_attention_implementation(model, name)`
 picks one for every layer of a model; "auto" is cudnn on NVIDIA GPUs, splash on TPU, xla elsewhere.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import contextvars
 import logging
 from typing import NamedTuple
 
@@ -116,6 +120,35 @@ CHOICES = ("auto", *IMPLEMENTATIONS)
 _LOGGED: set[tuple[str, str]] = set()
 
 
+class DispatchRecord(NamedTuple):
+    """What `attention` did at trace time, one count per traced call (a scanned layer body counts
+    once per trace, not once per layer it runs): kernels[name] ran the fused kernel,
+    fallbacks[(name, reason)] ran the reference instead."""
+
+    kernels: collections.Counter
+    fallbacks: collections.Counter
+
+
+_RECORDS: contextvars.ContextVar[tuple[DispatchRecord, ...]] = contextvars.ContextVar("jaxft_attention_records",
+                                                                                      default=())
+
+
+@contextlib.contextmanager
+def record_dispatch():
+    """Records which attention calls traced inside the block reached their kernel and which fell back:
+
+        with record_dispatch() as record:
+            jax.jit(model)(ids)                  # a fresh trace (a cached one records nothing)
+        assert not record.fallbacks and record.kernels["splash"]
+    """
+    record = DispatchRecord(collections.Counter(), collections.Counter())
+    token = _RECORDS.set((*_RECORDS.get(), record))
+    try:
+        yield record
+    finally:
+        _RECORDS.reset(token)
+
+
 def fallback_reason(implementation: str, q, k, v, mask: MaskInfo, window, softcap: float | None = None) -> str | None:
     """Why `implementation` would run the reference for this call instead of its kernel (None: it won't)."""
     if implementation == "xla":
@@ -132,6 +165,11 @@ def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str
     """
     if implementation != "xla":
         reason = fallback_reason(implementation, q, k, v, mask, window, softcap)
+        for record in _RECORDS.get():
+            if reason is None:
+                record.kernels[implementation] += 1
+            else:
+                record.fallbacks[(implementation, reason)] += 1
         if reason is None:
             return _kernel(implementation).run(q, k, v, mask, window, scale, softcap=softcap)
         if (implementation, reason) not in _LOGGED:  # at trace time: once per reason per process, not per layer

@@ -26,9 +26,10 @@ How MaskInfo maps onto each kernel:
 array MaskInfo.for_sequence puts in both fields (indices 0..T-1). A cache builds two arrays, so its
 calls never take the causal shortcut, whose tile-relative diagonal would be wrong there.
 
-The decoder scans its layers with the window as a scanned (traced) value. To reach the static
-`local_window_size` / LocalMask paths, and splash at all, the caller must pass `window` as a Python
-int or None when it is the same for every layer.
+The decoder scans its layers in groups whose windows repeat (layer_groups.py), so every layer's
+window arrives here as a Python int or None and takes the static `local_window_size` / LocalMask
+paths; a traced window (a caller that scans windows itself) gets the "jax" boolean mask, and
+splash falls back.
 
 Rows whose query is padding are "don't care": the fused kernels return finite values there that
 differ from the reference's (uniform attention); training masks those rows out of the loss.

@@ -1,7 +1,7 @@
 """The decoder-only transformer that every family configures, in Flax NNX.
 
     x = embed(ids)                                     (Gemma: × √hidden)
-    for each layer (scanned):
+    for each layer (scanned, in groups whose windows repeat: layer_groups.py):
         x = x + attn(norm(x))                          (Gemma 2/3: x + norm(attn(norm(x))))
         x = x + mlp(norm(x))                           (Gemma 2/3: x + norm(mlp(norm(x))))
     logits = lm_head(norm(x))                          (Gemma 2: soft-capped)
@@ -22,8 +22,8 @@ from flax import nnx
 from jaxft.models import attention as attn_lib
 from jaxft.models import virtual as virtual_lib
 from jaxft.models.kv_cache import KVCache, write_layer
-from jaxft.models.layers import (ACTIVATIONS, Axis, Embed, Linear, RMSNorm, adapters_enabled, constrain, scan_layers,
-                                 stack_layers)
+from jaxft.models.layer_groups import layer_plan, scan_groups
+from jaxft.models.layers import ACTIVATIONS, Axis, Embed, Linear, RMSNorm, adapters_enabled, constrain, stack_layers
 from jaxft.models.rope import Rotary, apply_rotary
 
 
@@ -219,30 +219,25 @@ class Decoder(nnx.Module):
         return constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
 
     def _layers(self, x, mask, positions, remat="none", cache=None, prefix=None, write_at=None):
-        """The decoder layers and final norm over embedded inputs x [B, T, D]; with a cache, (hidden, cache)."""
+        """The decoder layers and final norm over embedded inputs x [B, T, D]; with a cache, (hidden, cache).
+        prefix: prefix tuning's per-layer (keys, values), each [L, N, K, D]."""
         spec = self.spec
         tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
-        windows = jnp.asarray([attn_lib.NO_WINDOW if w is None else w for w in spec.windows], jnp.int32)  # [L]
-        # A RoPE table per layer (Gemma 3: local vs global) is picked by an index scanned with the window.
-        cos_all, sin_all = jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])  # [N, B, T, R]
-        per_layer = (windows, jnp.asarray(spec.layer_ropes, jnp.int32))
-        # A window shared by every layer (None: all global) goes in as a Python value, so that fused
-        # attention kernels know it at trace time; mixed windows (Gemma 2/3) stay scanned (traced).
-        uniform_window = len(set(spec.windows)) == 1
+        # Layers are scanned in groups whose (window, RoPE table) pattern repeats (layer_groups.py), so
+        # each layer's window reaches the attention kernels as a Python value, as fused kernels need.
+        plan = layer_plan(zip(spec.windows, spec.layer_ropes))
         if cache is None:
-            def body(layer, x, inputs):
-                window, table, *layer_prefix = inputs
-                window = spec.windows[0] if uniform_window else window
-                return layer(x, cos_all[table], sin_all[table], mask, window, prefix=layer_prefix or None)
+            def body(layer, x, layer_prefix, kind):
+                window, table = kind
+                return layer(x, *tables[table], mask, window, prefix=layer_prefix)
 
-            return self.norm(scan_layers(self.layers, x, (*per_layer, *(prefix or ())), body, remat=remat))
+            return self.norm(scan_groups(self.layers, x, prefix, body, plan, remat=remat))
 
-        def cached_body(layer, x, inputs):  # also carries this layer's cache slice in and out
-            window, table, keys, values = inputs
-            window = spec.windows[0] if uniform_window else window
-            return layer(x, cos_all[table], sin_all[table], mask, window, (keys, values, write_at))
+        def cached_body(layer, x, keys_values, kind):  # also carries this layer's cache slice in and out
+            window, table = kind
+            return layer(x, *tables[table], mask, window, (*keys_values, write_at))
 
-        x, (keys, values) = scan_layers(self.layers, x, (*per_layer, cache.keys, cache.values), cached_body,
+        x, (keys, values) = scan_groups(self.layers, x, (cache.keys, cache.values), cached_body, plan,
                                         with_outputs=True)
         return self.norm(x), cache._replace(keys=keys, values=values)
 

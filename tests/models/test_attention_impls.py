@@ -117,8 +117,9 @@ def test_gradients_match_the_reference(impl):
 
 
 def test_traced_window_jax_uses_a_mask_and_splash_falls_back():
-    """Inside the decoder's layer scan the window is traced: "jax" folds it into its mask, splash
-    (static masks only) says why it cannot and the dispatcher runs the reference."""
+    """A caller that scans windows (the decoder no longer does: layer_groups.py) passes a traced one:
+    "jax" folds it into its mask, splash (static masks only) says why it cannot and the dispatcher
+    runs the reference."""
     valid, segments = make_case("right_padding")
     q, k, v = qkv()
     mask = attn.MaskInfo.for_sequence(2, LENGTH, valid, segments)
@@ -236,11 +237,8 @@ def test_config_key_defaults_to_auto_and_rejects_unknown_names():
 
 @pytest.mark.parametrize("case", ["llama3_rope", "mistral_sliding"])
 def test_whole_model_logits_match_xla(tmp_path, case, caplog, monkeypatch):
-    """A tiny model with each CPU implementation set gives the "xla" logits at every real token.
-
-    "jax" must really run its kernel inside the model. Splash may fall back only because the
-    decoder scans its layers with a traced window; once the decoder passes a window shared by all
-    layers as a Python value, this test checks the splash kernel inside the model too."""
+    """A tiny model with each CPU implementation set gives the "xla" logits at every real token,
+    with the kernel really running in every layer (mixed windows: test_mixed_windows.py)."""
     folder, _ = tiny_hf_model(tmp_path, case)
     model = jaxft.from_pretrained(folder)
     assert attn.set_attention_implementation(model, "auto") == "xla"
@@ -252,14 +250,11 @@ def test_whole_model_logits_match_xla(tmp_path, case, caplog, monkeypatch):
         monkeypatch.setattr(attn, "_LOGGED", set())
         caplog.clear()
         assert attn.set_attention_implementation(model, impl) == impl
-        with caplog.at_level(logging.WARNING, logger="jaxft.attention"):
+        with caplog.at_level(logging.WARNING, logger="jaxft.attention"), attn.record_dispatch() as record:
             got = np.asarray(jax.jit(lambda ids, mask: model(ids, attention_mask=mask))(ids, mask))
         assert np.abs(got - want)[real].max() <= 1e-5, impl
-        fallbacks = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
-        if impl == "jax":
-            assert not fallbacks
-        else:
-            assert all("traced" in message for message in fallbacks), fallbacks
+        assert not [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+        assert not record.fallbacks and record.kernels == {impl: 1}, record  # one scanned layer body
     segments = np.repeat([[1, 2]], 3, 0).repeat(LENGTH // 2, 1)  # packed rows, through the "jax" kernel
     attn.set_attention_implementation(model, "xla")
     want = np.asarray(model(ids, segment_ids=segments))
