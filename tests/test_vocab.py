@@ -130,3 +130,16 @@ def test_plan_counts_the_new_rows():
     full.lora.rank = 0  # full fine-tuning: the grown table trains whole, no adapter
     parts = run_lib.abstract_training(full, hf_config)
     assert parts.state.params["model.embed_tokens.weight"].shape == (1027, 128)
+
+
+def test_chat_template_from_a_file_is_installed(tmp_path):
+    template = "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    config = demo_config(add_special_tokens=NEW)
+    config.data.chat_template = str(tmp_path / "t.jinja")
+    tokenizer = demo_tokenizer(config)
+    assert tokenizer.chat_template == template
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True, return_dict=False)[0] == 1024
+    config.data.chat_template = str(tmp_path / "missing.jinja")
+    with pytest.raises(ValueError, match="no such template file"):
+        demo_tokenizer(config)
