@@ -124,3 +124,17 @@ def test_the_frozen_prefix_computes_less(four_layers):
     layer = (every_layer - prefix_frozen) / FROZEN  # one layer's weight-gradient matmuls
     assert layer > 0.15 * every_layer / LAYERS, (every_layer, prefix_frozen)
     assert every_layer_no_embed - prefix_and_embed_frozen == pytest.approx(2 * FROZEN * layer, rel=0.1)
+
+
+def test_moments_of_the_trainable_rows_are_placed_like_their_params(four_layers):
+    from jaxft import sharding
+
+    model_def, params, frozen = split(four_layers)
+    optimizer = optim.make_optimizer(optim.OptimConfig(), params, model_def.axes, frozen_layers=FROZEN)
+    state = jax.eval_shape(lambda: step.init_state(params, frozen, optimizer))
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    placed = sharding.state_shardings(state, optimizer, model_def.axes, mesh)
+    adam = [s for s in jax.tree.leaves(placed.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)][0]
+    path = "model.layers.mlp.gate_proj.weight"
+    assert adam.mu[path].spec == adam.nu[path].spec == placed.params[path].spec != jax.sharding.PartitionSpec()
