@@ -4,14 +4,13 @@ keeps no optimizer moments, while the loss and every trainable gradient equal th
 differentiates all layers and masks the frozen rows afterwards (the previous implementation)."""
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import jaxft
-from jaxft import optim, step
+from jaxft import metrics, optim, step
 from jaxft.tasks.causal_lm import NextTokenLoss
 from jaxft.testing import tiny_hf_model, train_batch
 
@@ -80,36 +79,12 @@ def test_frozen_rows_stay_bit_for_bit_and_keep_no_moments(four_layers):
     assert np.isfinite(float(metrics["grad_norm"]))
 
 
-def matmul_flops(jaxpr) -> float:
-    """2·M·N·K of every dot_general the program runs, a scan's body counted once per iteration (XLA's
-    cost analysis counts a loop body once, whatever its trip count)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contract])
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for sub in _subjaxprs(eqn):
-            total += times * matmul_flops(sub)
-    return total
-
-
-def _subjaxprs(eqn):
-    for value in eqn.params.values():
-        for v in value if isinstance(value, (tuple, list)) else [value]:
-            if isinstance(v, jax.extend.core.ClosedJaxpr):
-                yield v.jaxpr
-            elif isinstance(v, jax.extend.core.Jaxpr):
-                yield v
-
-
 def gradient_flops(folder, freeze, trainable=lambda path, v: True) -> float:
     model_def, params, frozen = split(folder, trainable)
     loss_fn = step.make_loss_fn(model_def, NextTokenLoss(), freeze)
     b = batch(128)
     grad = jax.grad(lambda p: loss_fn(p, frozen, b, jnp.float32(1.0), jax.random.key(0))[0])
-    return matmul_flops(jax.make_jaxpr(grad)(params).jaxpr)
+    return metrics.matmul_flops(jax.make_jaxpr(grad)(params).jaxpr)
 
 
 def test_the_frozen_prefix_computes_less(four_layers):
