@@ -28,6 +28,7 @@ Scripts print one JSON object each; results are committed under `results/` as
 | `data.py` | tokenize + mask + pack tokens/s for chat data |
 | `rollout.py` | sampled tokens/s: jaxft's KV-cache generator vs transformers' generate (TRL GRPO without vLLM) |
 | `family_parity.py` | each family's logits vs transformers on the default backend, fp32 and bf16 |
+| `freeze_cost.py` | `train.freeze_first_layers`: gradient matmul FLOPs, XLA temp memory, optimizer state, step time |
 | `profile_summary.py` | the top ops by time of a `jax.profiler` trace (`train_throughput.py --profile DIR`) |
 | `accelerator_suite.py` | every accelerator figure in one call within a time budget (below) |
 
@@ -99,6 +100,14 @@ def summarize(name: str, r: dict) -> str:
         met = [f"{g['part']} {'met' if g['met'] else 'not met' if g['met'] is False else 'n/a'}" for g in r["goals"]]
         parts = ", ".join(f"{k} {v['status']}" for k, v in r["parts"].items())
         return f"{'smoke: ' if r.get('smoke') else ''}{r['elapsed_seconds']:.0f} s; {parts}; goals: {', '.join(met)}"
+    if kind == "freeze_cost":
+        runs = r["runs"]
+        split, both = runs["frozen_prefix_split"]["vs_previous"], runs["frozen_prefix_split_embeddings_frozen"]["vs_previous"]
+        moments = runs["frozen_prefix_split"]["optimizer_state_bytes"] / runs["all_layers_trained"]["optimizer_state_bytes"]
+        return (f"{r['freeze_first_layers']} of {r['model']['num_hidden_layers']} layers frozen vs differentiating them: "
+                f"gradient matmul FLOPs ×{split['gradient_matmul_flops']:.2f}, step ×{split['step_seconds']:.2f} "
+                f"(embeddings frozen too: ×{both['gradient_matmul_flops']:.2f}, ×{both['step_seconds']:.2f}, temp memory "
+                f"×{both['temp_bytes']:.2f}); optimizer state ×{moments:.2f}")
     if kind == "attention_tests":
         return f"{r.get('command')}: {r.get('passed')} passed, {r.get('failed')} failed, {r.get('skipped')} skipped"
     if kind == "family_parity":

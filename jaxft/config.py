@@ -374,7 +374,7 @@ _OPTIMIZER_KEYS = {"name": "train.optimizer", "learning_rate": "train.learning_r
                    "weight_decay": "train.weight_decay", "clip_norm": "train.clip_norm", "b1": "train.b1",
                    "b2": "train.b2", "momentum": "train.momentum",
                    "end_learning_rate_ratio": "train.end_learning_rate_ratio"}
-_STEP_KEYS = {"grad_accum": "train.grad_accum", "remat": "train.remat"}
+_STEP_KEYS = {"grad_accum": "train.grad_accum", "remat": "train.remat", "freeze_first_layers": "train.freeze_first_layers"}
 
 
 def optimizer_settings(config):
@@ -397,7 +397,8 @@ def step_settings(config):
 
     t = config.train
     with _in_config_terms(_STEP_KEYS):
-        return step.StepConfig(grad_accum=t.grad_accum, remat=t.remat, skip_nonfinite=t.on_nonfinite == "skip")
+        return step.StepConfig(grad_accum=t.grad_accum, remat=t.remat, skip_nonfinite=t.on_nonfinite == "skip",
+                               freeze_first_layers=t.freeze_first_layers)
 
 
 def lora_settings(config, targets=None):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -123,3 +124,30 @@ class MetricsWriter:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the matrix products a traced program runs (`jax.make_jaxpr(f)(...).jaxpr`): 2·M·N·K
+    per dot_general, a scan's body counted once per iteration (XLA's cost analysis counts a loop
+    body once, whatever its trip count), sub-programs (jit, remat, custom VJPs) included."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in _subjaxprs(eqn):
+            total += times * matmul_flops(sub)
+    return total
+
+
+def _subjaxprs(eqn):
+    from jax.extend import core as jax_core
+
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(v, jax_core.ClosedJaxpr):
+                yield v.jaxpr
+            elif isinstance(v, jax_core.Jaxpr):
+                yield v

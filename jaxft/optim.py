@@ -1,13 +1,13 @@
 """Optimizers, schedules and the masks that say which parameters train and which decay.
 
-`make_optimizer` builds one optax chain: per-layer freezing of the gradient → clip by global norm →
-the optimizer (with decoupled weight decay on matrices only: norms and biases never decay) → a
-schedule → per-layer freezing of the update. Frozen *whole* parameters are not passed to the
-optimizer at all (see jaxft.step), so they carry no optimizer state; freezing *some layers* of a
-stacked [L, ...] parameter (train.freeze_first_layers) zeroes those rows of the gradient before
-anything else sees it, so that, as with torch's requires_grad=False, they count in neither the
-clipped gradient norm nor any moment, and zeroes their update (weight decay included), so they stay
-bit-for-bit unchanged.
+`make_optimizer` builds one optax chain: clip by global norm → the optimizer (with decoupled weight
+decay on matrices only: norms and biases never decay) → a schedule. Frozen *whole* parameters are
+not passed to the optimizer at all (see jaxft.step), so they carry no optimizer state; freezing
+*some layers* of a stacked [L, ...] parameter (train.freeze_first_layers) runs the chain on rows
+[N:] only, so that, as with torch's requires_grad=False, the frozen rows count in neither the
+clipped gradient norm nor any moment, keep no moments at all (AdamW's m and v are [L - N, ...]),
+and get a zero update (weight decay included): they stay bit-for-bit unchanged. The train step
+(StepConfig.freeze_first_layers) computes no gradient for them in the first place.
 
 Each optimizer equals its PyTorch reference step for step (tests/training/test_fidelity.py):
 adamw = torch.optim.AdamW; sgd = torch.optim.SGD (momentum, L2 weight_decay); lion = the paper's
@@ -80,27 +80,35 @@ def _per_layer_ndim(path_axes, array) -> int:
     return array.ndim - (1 if path_axes and path_axes[0] == "layers" else 0)
 
 
-def layer_freeze_masks(params: Mapping[str, jax.Array], axes: Mapping[str, tuple], frozen_layers: int) -> dict[str, jax.Array] | None:
-    """For stacked params: [L] float masks, 0 for the first `frozen_layers` layers, else 1."""
+def frozen_row_paths(params: Mapping[str, jax.Array], axes: Mapping[str, tuple], frozen_layers: int) -> set[str]:
+    """The stacked params whose first `frozen_layers` rows are frozen (train.freeze_first_layers)."""
     if frozen_layers <= 0:
-        return None
-    masks = {}
-    for path, p in params.items():
-        if axes.get(path) and axes[path][0] == "layers":
-            if frozen_layers > p.shape[0]:
-                raise ValueError(f"freeze first {frozen_layers} layers, but the model has {p.shape[0]}")
-            masks[path] = (jnp.arange(p.shape[0]) >= frozen_layers).astype(p.dtype)
-    return masks
+        return set()
+    paths = stacked_paths(params, axes)
+    for path in paths:
+        if frozen_layers > params[path].shape[0]:
+            raise ValueError(f"freeze first {frozen_layers} layers, but the model has {params[path].shape[0]}")
+    return paths
 
 
-def _mask_layers(masks: dict[str, jax.Array]) -> optax.GradientTransformation:
-    """Zeroes the frozen layers' rows (masks from layer_freeze_masks) of whatever flows through."""
+def _trainable_rows(inner: optax.GradientTransformation, frozen_layers: int, paths: set[str]) -> optax.GradientTransformation:
+    """`inner` over rows [frozen_layers:] of the stacked params in `paths` (whole arrays elsewhere):
+    its state (moments) holds no frozen row, the frozen rows' gradients reach nothing (clip norm,
+    moments) and their updates are zero, so those rows stay bit for bit what they were."""
+    def rows(tree):
+        if not isinstance(tree, Mapping):  # optax.tree_map_params passes one placeholder for the tree
+            return tree
+        return {path: value[frozen_layers:] if path in paths else value for path, value in tree.items()}
+
+    def init(params):
+        return inner.init(rows(params))
+
     def update(updates, state, params=None):
-        out = {path: u * masks[path].reshape((-1,) + (1,) * (u.ndim - 1)).astype(u.dtype) if path in masks else u
-               for path, u in updates.items()}
-        return out, state
+        out, state = inner.update(rows(updates), state, None if params is None else rows(params))
+        zeros = lambda u: jnp.zeros((frozen_layers, *u.shape[1:]), u.dtype)  # noqa: E731
+        return {path: jnp.concatenate([zeros(u), u]) if path in paths else u for path, u in out.items()}, state
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(init, update)
 
 
 def stacked_paths(params: Mapping[str, jax.Array], axes: Mapping[str, tuple]) -> set[str]:
@@ -174,15 +182,11 @@ def make_optimizer(cfg: OptimConfig, params: Mapping[str, jax.Array], axes: Mapp
     else:  # sgd; decay added to the gradient (L2), as torch.optim.SGD's weight_decay does
         core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask),
                            optax.sgd(schedule, momentum=cfg.momentum or None))
-    layer_masks = layer_freeze_masks(params, axes, frozen_layers)
-    # Frozen rows: no gradient (so not in the clip norm, nor in moments), and no update (nor decay).
-    parts = [_mask_layers(layer_masks)] if layer_masks else []
-    if cfg.clip_norm:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(core)
-    if layer_masks:
-        parts.append(_mask_layers(layer_masks))
-    return optax.chain(*parts)
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    chain = optax.chain(*parts, core)
+    frozen_rows = frozen_row_paths(params, axes, frozen_layers)
+    # Frozen rows: not in the clip norm, no moments, no update (nor decay).
+    return _trainable_rows(chain, frozen_layers, frozen_rows) if frozen_rows else chain
 
 
 def frozen_by_pattern(paths, patterns: tuple[str, ...]) -> set[str]:

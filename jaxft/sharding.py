@@ -152,6 +152,8 @@ def state_shardings(state, optimizer, axes: Mapping[str, tuple], mesh: Mesh, rul
         moment_shape, param_shape = tuple(moment.shape), tuple(param.shape)
         if moment_shape == param_shape:
             return param_sharding
+        if moment_shape[1:] == param_shape[1:] and len(param_shape) > 1:  # rows of a stacked param (frozen layers)
+            return param_sharding
         spec = tuple(param_sharding.spec) + (None,) * (len(param_shape) - len(param_sharding.spec))
         for dropped in range(len(param_shape)):
             if moment_shape == param_shape[:dropped] + param_shape[dropped + 1:]:

@@ -34,12 +34,17 @@ class StepConfig:
     grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
     remat: str = "none"  # none | full | dots | dots_no_batch: what the backward pass recomputes
     skip_nonfinite: bool = False  # a step with a non-finite loss or gradient leaves params and optimizer as they were
+    # train.freeze_first_layers: those layers run outside autodiff (no weight gradients); pair with
+    # optim.make_optimizer(..., frozen_layers=) so that they keep no optimizer state either
+    freeze_first_layers: int = 0
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.freeze_first_layers < 0:
+            raise ValueError(f"freeze_first_layers must be >= 0, got {self.freeze_first_layers}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +117,11 @@ class Objective(Protocol):
     def loss(self, model: nnx.Module, batch: dict[str, jax.Array], normalizer: jax.Array) -> tuple[jax.Array, dict]: ...
 
 
-def make_loss_fn(model_def: ModelDef, objective: Objective):
+def make_loss_fn(model_def: ModelDef, objective: Objective, freeze_first_layers: int = 0):
     def loss_fn(params, frozen, batch, normalizer, rng):
         """(loss, metrics) of one micro-batch, as the objective computes them; dropout keyed by rng."""
         model = model_def.merge(params, frozen)
-        with layers.dropout_rng(rng):
+        with layers.dropout_rng(rng), layers.frozen_prefix(freeze_first_layers):
             return objective.loss(model, batch, normalizer)
 
     return loss_fn
@@ -127,7 +132,7 @@ def make_train_step(model_def: ModelDef, optimizer: optax.GradientTransformation
     """train_step(state, batch) -> (state, metrics): the objective's loss, its gradient accumulated
     over cfg.grad_accum micro-batches, one optimizer update. metrics: the objective's, plus
     grad_norm, finite and (with a schedule) learning_rate."""
-    grad_fn = jax.value_and_grad(make_loss_fn(model_def, objective), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(model_def, objective, cfg.freeze_first_layers), has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         normalizer = jax.tree.map(lambda n: jnp.maximum(jnp.asarray(n, jnp.float32), 1.0), objective.normalizer(batch))
