@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models.layers import REMAT_POLICIES, _layer_rng
+from jaxft.models.layers import _FROZEN_PREFIX, REMAT_POLICIES, _layer_rng
 
 # The longest period looked for: the compiled body holds up to this many layers. Gemma 3's is 6.
 MAX_PERIOD = 8
@@ -79,6 +79,13 @@ def layer_plan(kinds: Sequence[Hashable], max_period: int = MAX_PERIOD) -> tuple
     return tuple(segments)
 
 
+def split_plan(plan: Sequence[Segment], at: int) -> tuple[Segment, ...]:
+    """The plan re-cut so that a segment boundary falls at layer `at` (each side planned afresh)."""
+    kinds = [kind for segment in plan for _ in range(segment.groups) for kind in segment.kinds]
+    tail = layer_plan(kinds[at:]) if at < len(kinds) else ()
+    return layer_plan(kinds[:at]) + tuple(dataclasses.replace(s, start=s.start + at) for s in tail)
+
+
 def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, plan: Sequence[Segment],
                 remat: str = "none", with_outputs: bool = False):
     """carry = body(layer, carry, layer_input, kind) for each layer of `stacked` in order, where
@@ -99,6 +106,11 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
         with _layer_rng(index):  # each layer draws its own dropout masks, by its index in the stack
             return body(nnx.merge(graphdef, layer_state), carry, layer_input, kind)
 
+    # train.freeze_first_layers (layers.frozen_prefix): the frozen layers form segments of their own
+    # whose params are under stop_gradient, so autodiff builds no weight gradient for them.
+    frozen = 0 if with_outputs else min(_FROZEN_PREFIX.get(), num_layers)
+    if frozen:
+        plan = split_plan(plan, frozen)
     outputs = []
     for segment in plan:
         period = len(segment.kinds)
@@ -123,7 +135,10 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
                     carry = result
             return carry, (jax.tree.map(lambda *r: jnp.stack(r), *results) if with_outputs else None)
 
-        carry, out = jax.lax.scan(step, carry, (grouped(state), grouped(per_layer_inputs),
+        segment_state = grouped(state)
+        if segment.stop <= frozen:
+            segment_state = jax.lax.stop_gradient(segment_state)
+        carry, out = jax.lax.scan(step, carry, (segment_state, grouped(per_layer_inputs),
                                                 jnp.arange(segment.groups, dtype=jnp.int32)))
         if with_outputs:
             outputs.append(jax.tree.map(lambda a: a.reshape(segment.groups * period, *a.shape[2:]), out))
