@@ -18,8 +18,8 @@ ARGS = ("smoke", "prefix_tuning", "prompt_tuning", "ia3")  # the ARG values of `
 
 # The other adapter kinds (peft.method) on the same facts. Their few parameters need a higher learning rate
 # and more steps than LoRA: measured exact match before -> after, 2 CPU cores: ia3 0% -> 100%, prefix_tuning
-# 0% -> 100%, prompt_tuning (20 virtual tokens) 2% -> 88% (issue 16 note).
-METHOD_VARIANTS = {"prefix_tuning": dict(learning_rate=3e-2, steps=200), "prompt_tuning": dict(learning_rate=3e-2, steps=200),
+# 0% -> 100%, prompt_tuning (20 virtual tokens) 2% -> 100% (2% -> 88% at 3e-2 / 200 steps).
+METHOD_VARIANTS = {"prefix_tuning": dict(learning_rate=3e-2, steps=200), "prompt_tuning": dict(learning_rate=5e-2, steps=300),
                    "ia3": dict(learning_rate=5e-2, steps=200)}
 
 
