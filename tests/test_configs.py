@@ -57,16 +57,17 @@ def test_config_parses_and_its_state_passes_eval_shape(path, arg):
     state = state.replace(frozen={p: x for p, x in state.frozen.items() if p not in attached})
     assert bool(attached) == (config.task == "distill" or (config.task == "dpo" and not config.lora.rank))
     every = {**state.params, **state.frozen}
-    total = sum(int(np.prod(x.shape)) for p, x in every.items() if ".adapter." not in p)  # the base model
+    adapter = lambda p: ".adapter." in p or p.startswith("model.virtual.")  # noqa: E731 (LoRA/IA3, prefix/prompt)
+    total = sum(int(np.prod(x.shape)) for p, x in every.items() if not adapter(p))  # the base model
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     if config.model.path in EXPECTED_PARAMS:
         assert abs(total - EXPECTED_PARAMS[config.model.path]) < 0.01 * total, total
-    if config.lora.rank:
+    if config.lora.rank or config.peft.method != "lora":
         # A classifier's new head (`score`) trains whole beside the adapters (PEFT's modules_to_save).
         head = ("score.",) if config.task in ("classification", "reward") else ()
         assert 0 < trainable < (0.02 if total > 1e8 else 0.5) * total
-        assert all(".adapter." in p or p.startswith(head) for p in state.params) if head else \
-            all(".adapter." in p for p in state.params)
+        assert all(adapter(p) or p.startswith(head) for p in state.params) if head else \
+            all(adapter(p) for p in state.params)
         assert not head or "score.weight" in state.params
     else:
         assert trainable == total and not state.frozen

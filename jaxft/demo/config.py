@@ -14,7 +14,13 @@ from jaxft import config as config_lib
 from jaxft.demo import FACTS_EVAL, FACTS_TRAIN, MODEL_DIR
 
 
-ARGS = ("smoke",)  # the ARG values of `--config FILE:ARG` this file knows (the default needs none)
+ARGS = ("smoke", "prefix_tuning", "prompt_tuning", "ia3")  # the ARG values of `--config FILE:ARG` this file knows
+
+# The other adapter kinds (peft.method) on the same facts. Their few parameters need a higher learning rate
+# and more steps than LoRA: measured exact match before -> after, 2 CPU cores: ia3 0% -> 100%, prefix_tuning
+# 0% -> 100%, prompt_tuning (20 virtual tokens) 2% -> 100% (2% -> 88% at 3e-2 / 200 steps).
+METHOD_VARIANTS = {"prefix_tuning": dict(learning_rate=3e-2, steps=200), "prompt_tuning": dict(learning_rate=5e-2, steps=300),
+                   "ia3": dict(learning_rate=5e-2, steps=200)}
 
 
 def get_config(arg: str = ""):
@@ -34,6 +40,12 @@ def get_config(arg: str = ""):
     c.checkpoint.every = 30
     c.eval.task_file = FACTS_EVAL  # exact match of greedy answers, before and after training
     c.eval.max_new_tokens = 8  # the longest answers ("a brown tortoise") are 3 tokens + EOS
+    if arg in METHOD_VARIANTS:
+        c.workdir = f"workdir/demo_{arg}"
+        c.peft.method = arg  # lora.* is then ignored
+        c.train.learning_rate = METHOD_VARIANTS[arg]["learning_rate"]
+        c.train.steps = METHOD_VARIANTS[arg]["steps"]
+        c.checkpoint.every = 100
     if arg == "smoke":  # the smallest run that exercises every part
         c.train.steps = 4
         c.train.warmup_steps = 1

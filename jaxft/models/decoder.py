@@ -183,7 +183,6 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, remat: str = "none",
                  cache: KVCache | None = None):
         """input_ids [B, T] → final-norm hidden states [B, T, D]; with a cache, (hidden, updated cache)."""
-        spec = self.spec
         batch, length = input_ids.shape
         if cache is None:
             mask = attn_lib.MaskInfo.for_sequence(batch, length, attention_mask, segment_ids)

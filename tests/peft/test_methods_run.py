@@ -72,3 +72,37 @@ def test_plan_counts_each_methods_params(method, extra):
     assert f"{expected:,} trained params" in result.header
     if method == "prefix_tuning":
         assert "+5 key/value positions per sequence" in result.header
+    export_and_check(str(straight), first, method, tmp_path)
+
+
+def export_and_check(workdir, trained, method, tmp_path):
+    """`jaxft export` of the run: --format peft loads in PeftModel with the run's logits; --format hf
+    merges IA³ (same logits) and is refused for prefix/prompt tuning, naming --format peft."""
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxft import export
+    from jaxft.demo import MODEL_DIR
+    from jaxft.testing import demo_batch
+
+    ids, mask, positions = demo_batch(["Q: Where does Hialan Riareal live?\nA: Redwater", "Q: Who?\nA:"])
+    ours = np.asarray(trained.model()(ids, attention_mask=mask))
+    export.export(workdir, str(tmp_path / "adapter"), format="peft")
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32),
+                                            str(tmp_path / "adapter")).eval()
+    with torch.no_grad():  # right-padded rows: PEFT's positions are ours (prompt tuning counts from its tokens)
+        theirs = loaded(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                        position_ids=torch.as_tensor(positions)).logits.numpy()
+    theirs = theirs[:, 4:] if method == "prompt_tuning" else theirs
+    assert np.abs(ours - theirs)[mask.astype(bool)].max() <= 1e-4
+    if method == "ia3":
+        export.export(workdir, str(tmp_path / "hf"), format="hf")
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = merged(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                            position_ids=torch.as_tensor(positions)).logits.numpy()
+        assert np.abs(ours - logits)[mask.astype(bool)].max() <= 1e-5
+    else:
+        with pytest.raises(ValueError, match=f"trained {method}: its virtual tokens cannot be merged.*--format peft"):
+            export.export(workdir, str(tmp_path / "hf"), format="hf")
