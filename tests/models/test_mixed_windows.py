@@ -117,6 +117,30 @@ def test_gemma2_soft_capping_is_a_recorded_fallback_for_jax(built):
     assert all("soft-capping" in reason for _, reason in record.fallbacks)
 
 
+@pytest.mark.parametrize("name,impl", [("gemma3_text", "jax"), ("qwen2_max_window_layers", "xla")])
+def test_cached_decoding_through_several_segments_gives_the_full_forward_logits(built, name, impl):
+    """The KV cache [L, ...] is cut into the same segments and put back together in layer order."""
+    _, model = built(name)
+    attn.set_attention_implementation(model, impl)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, model.config.vocab_size, (2, 30)).astype(np.int32)  # past both windows
+    prompt_mask = np.ones_like(prompt)
+    prompt_mask[0, :4] = 0  # left padding
+    new = rng.integers(3, model.config.vocab_size, (2, 3)).astype(np.int32)
+    full, full_mask = np.concatenate([prompt, new], 1), np.concatenate([prompt_mask, np.ones_like(new)], 1)
+    expected = np.asarray(model(full, attention_mask=full_mask))
+    decode = jax.jit(lambda ids, cache, mask=None: model.decode(ids, cache, attention_mask=mask))
+    cache = model.init_cache(2, full.shape[1])
+    logits, cache = decode(prompt, cache, prompt_mask)
+    got = [np.asarray(logits)]
+    for i in range(new.shape[1]):
+        logits, cache = decode(new[:, i:i + 1], cache)
+        got.append(np.asarray(logits))
+    attn.set_attention_implementation(model, "xla")
+    assert cache.keys.shape[0] == model.config.num_hidden_layers
+    assert np.abs(np.concatenate(got, 1) - expected)[full_mask.astype(bool)].max() <= 1e-5
+
+
 def test_remat_through_the_groups_gives_the_gradients_of_no_remat():
     # Gemma 3 with a 3-layer pattern, 8 layers: 2 × (S, S, F), then a remainder of 2 × (S,).
     model = _gemma("gemma3_text", 8, sliding_window_pattern=3)
