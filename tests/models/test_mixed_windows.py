@@ -159,7 +159,7 @@ def test_remat_through_the_groups_gives_the_gradients_of_no_remat():
 
     reference = grads("none")
     scale = max(float(jnp.abs(g).max()) for g in reference)
-    for policy in ("full", "dots"):
+    for policy in ("full",):  # the policy is applied per member (layer_groups.py); "dots": test_fidelity.py
         worst = max(float(jnp.abs(a - b).max()) for a, b in zip(grads(policy), reference))
         assert worst <= 1e-5 * scale, f"remat={policy}: max |grad - grad(none)| = {worst:.2e} (max |grad| {scale:.2e})"
 
@@ -186,7 +186,7 @@ def _step(layers: int, grad: bool):
 
 
 def test_compile_time_is_flat_in_depth():
-    """24 layers compile in at most 1.5× the time of 2 (best of 3, interleaved, as the machine is
+    """24 layers compile in at most 1.5× the time of 2 (best of 2, interleaved, as the machine is
     shared), and the lowered training step is the same size: the depth is a scan length."""
     def program_size(layers):
         fn, params = _step(layers, grad=True)
@@ -201,9 +201,8 @@ def test_compile_time_is_flat_in_depth():
         fn.lower(params).compile()
         return time.perf_counter() - start
 
-    compile_seconds(2)  # jax's own one-time costs
-    times = {2: [], 24: []}
-    for _ in range(3):
+    times = {2: [], 24: []}  # the first 2-layer sample also pays jax's one-time costs; the min drops it
+    for _ in range(2):
         for layers in times:
             times[layers].append(compile_seconds(layers))
     shallow, deep = min(times[2]), min(times[24])
