@@ -9,14 +9,18 @@ whose body runs the period's P layers one after the other, each traced with its 
 settings (window, RoPE table). The compiled code is one period per segment whatever the depth:
 
     Gemma 2, 24 layers:            1 segment:  12 × (sliding, global)
-    Gemma 3, 26 layers:            2 segments:  4 × (5 sliding, global), then 2 × (sliding,)
-    Qwen2, 28 layers, mwl=21:      2 segments: 21 × (global,), then 7 × (sliding,)
+    Gemma 3, 26 layers:            2 segments:  4 × (5 sliding, global), then 2 × (sliding,) *
+    Qwen2, 28 layers, mwl=21:      2 segments: 21 × (global,), then 7 × (sliding,) *
+                                   (* several segments: one switched scan, see below)
 
     plan = layer_plan(kinds)                          # kinds[i]: layer i's settings, any hashable
     x = scan_groups(stacked, x, None, body, plan)     # body(layer, x, layer_input, kind) -> x
 
-Parameters stay stacked [L, ...] (checkpoints, LoRA, sharding, the KV cache unchanged); a segment's
-rows are sliced and reshaped [G, P, ...] inside the call, which autodiff carries back to [L, ...].
+Parameters stay stacked [L, ...] (checkpoints, LoRA, sharding, the KV cache unchanged). With one
+segment the stack is reshaped [G, P, ...] inside the call (free: no copy). With several, slicing
+the stack per segment would copy the weights, so the layers run instead in one scan whose body
+switches (`lax.switch`, each branch with its static kind) among the distinct kinds: the
+compiled code is one body per distinct kind, whatever the depth.
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
         with _layer_rng(index):  # each layer draws its own dropout masks, by its index in the stack
             return body(nnx.merge(graphdef, layer_state), carry, layer_input, kind)
 
+    if len(plan) > 1:
+        return _scan_switched(graphdef, state, member, carry, per_layer_inputs, plan, remat, with_outputs)
     outputs = []
     for segment in plan:
         period = len(segment.kinds)
@@ -130,3 +136,31 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
     if not with_outputs:
         return carry
     return carry, (outputs[0] if len(outputs) == 1 else jax.tree.map(lambda *o: jnp.concatenate(o), *outputs))
+
+
+def _scan_switched(graphdef, state, member, carry, per_layer_inputs, plan, remat, with_outputs):
+    """Several segments (a remainder: Gemma 3's 26 = 4 × 6 + 2; Qwen2's N global then sliding):
+    slicing [L, ...] into segments would copy each segment's params (and KV cache) before its scan,
+    a whole extra copy of the layers' weights. Instead one scan over all L layers, the layer's body
+    picked by `lax.switch` among the distinct kinds, each branch traced once with its static kind:
+    no copy, flat compile time (one body per distinct kind), one conditional per layer."""
+    kinds = [kind for segment in plan for _ in range(segment.groups) for kind in segment.kinds]
+    distinct = list(dict.fromkeys(kinds))
+    branch_of = jnp.asarray([distinct.index(kind) for kind in kinds], jnp.int32)  # [L]
+
+    def branch(kind):
+        def run(layer_state, carry, layer_input, index):
+            result = member(kind, layer_state, carry, layer_input, index)
+            return result if with_outputs else (result, None)
+        return run
+
+    def step(carry, xs):
+        layer_state, layer_input, index, which = xs
+        return jax.lax.switch(which, [branch(kind) for kind in distinct], layer_state, carry, layer_input, index)
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    num_layers = len(kinds)
+    carry, outputs = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers, dtype=jnp.int32),
+                                                branch_of))
+    return (carry, outputs) if with_outputs else carry
