@@ -9,14 +9,18 @@ whose body runs the period's P layers one after the other, each traced with its 
 settings (window, RoPE table). The compiled code is one period per segment whatever the depth:
 
     Gemma 2, 24 layers:            1 segment:  12 × (sliding, global)
-    Gemma 3, 26 layers:            2 segments:  4 × (5 sliding, global), then 2 × (sliding,)
-    Qwen2, 28 layers, mwl=21:      2 segments: 21 × (global,), then 7 × (sliding,)
+    Gemma 3, 26 layers:            2 segments:  4 × (5 sliding, global), then 2 × (sliding,) *
+    Qwen2, 28 layers, mwl=21:      2 segments: 21 × (global,), then 7 × (sliding,) *
+                                   (* several segments: one switched scan, see below)
 
     plan = layer_plan(kinds)                          # kinds[i]: layer i's settings, any hashable
     x = scan_groups(stacked, x, None, body, plan)     # body(layer, x, layer_input, kind) -> x
 
-Parameters stay stacked [L, ...] (checkpoints, LoRA, sharding, the KV cache unchanged); a segment's
-rows are sliced and reshaped [G, P, ...] inside the call, which autodiff carries back to [L, ...].
+Parameters stay stacked [L, ...] (checkpoints, LoRA, sharding, the KV cache unchanged). With one
+segment the stack is reshaped [G, P, ...] inside the call (free: no copy). With several, slicing
+the stack per segment would copy the weights, so the layers run instead in one scan whose body
+switches (`lax.switch`, each branch with its static kind) among the distinct kinds: the
+compiled code is one body per distinct kind, whatever the depth.
 """
 
 from __future__ import annotations
@@ -79,13 +83,6 @@ def layer_plan(kinds: Sequence[Hashable], max_period: int = MAX_PERIOD) -> tuple
     return tuple(segments)
 
 
-def split_plan(plan: Sequence[Segment], at: int) -> tuple[Segment, ...]:
-    """The plan re-cut so that a segment boundary falls at layer `at` (each side planned afresh)."""
-    kinds = [kind for segment in plan for _ in range(segment.groups) for kind in segment.kinds]
-    tail = layer_plan(kinds[at:]) if at < len(kinds) else ()
-    return layer_plan(kinds[:at]) + tuple(dataclasses.replace(s, start=s.start + at) for s in tail)
-
-
 def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, plan: Sequence[Segment],
                 remat: str = "none", with_outputs: bool = False):
     """carry = body(layer, carry, layer_input, kind) for each layer of `stacked` in order, where
@@ -106,11 +103,30 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
         with _layer_rng(index):  # each layer draws its own dropout masks, by its index in the stack
             return body(nnx.merge(graphdef, layer_state), carry, layer_input, kind)
 
-    # train.freeze_first_layers (layers.frozen_prefix): the frozen layers form segments of their own
-    # whose params are under stop_gradient, so autodiff builds no weight gradient for them.
     frozen = 0 if with_outputs else min(_FROZEN_PREFIX.get(), num_layers)
     if frozen:
-        plan = split_plan(plan, frozen)
+        # train.freeze_first_layers (layers.frozen_prefix): the frozen rows run as scans of their own
+        # with their params under stop_gradient, so autodiff builds no weight gradient for them (and
+        # nothing at all when no trainable param feeds them); then the trainable rows.
+        kinds = _unrolled(plan)
+        rows = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], (state, per_layer_inputs))  # noqa: E731
+        (head, head_inputs), (tail, tail_inputs) = rows(0, frozen), rows(frozen, num_layers)
+        carry = _scan_plan(jax.lax.stop_gradient(head), member, carry, head_inputs, layer_plan(kinds[:frozen]),
+                           remat, False, 0)
+        if frozen == num_layers:
+            return carry
+        return _scan_plan(tail, member, carry, tail_inputs, layer_plan(kinds[frozen:]), remat, False, frozen)
+    return _scan_plan(state, member, carry, per_layer_inputs, plan, remat, with_outputs, 0)
+
+
+def _unrolled(plan: Sequence[Segment]) -> list:
+    return [kind for segment in plan for _ in range(segment.groups) for kind in segment.kinds]
+
+
+def _scan_plan(state, member, carry, per_layer_inputs, plan, remat, with_outputs, first_index):
+    """scan_groups over `state` (rows first_index.. of the stack) with a plan starting at 0."""
+    if len(plan) > 1:
+        return _scan_switched(state, member, carry, per_layer_inputs, plan, remat, with_outputs, first_index)
     outputs = []
     for segment in plan:
         period = len(segment.kinds)
@@ -127,7 +143,8 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
                 if remat != "none":
                     run = jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=False)
                 pick = lambda tree, j=j: jax.tree.map(lambda a: a[j], tree)  # noqa: E731
-                result = run(pick(group_state), carry, pick(group_inputs), segment.start + group * period + j)
+                result = run(pick(group_state), carry, pick(group_inputs),
+                             first_index + segment.start + group * period + j)
                 if with_outputs:
                     carry, result = result
                     results.append(result)
@@ -135,13 +152,38 @@ def scan_groups(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, pl
                     carry = result
             return carry, (jax.tree.map(lambda *r: jnp.stack(r), *results) if with_outputs else None)
 
-        segment_state = grouped(state)
-        if segment.stop <= frozen:
-            segment_state = jax.lax.stop_gradient(segment_state)
-        carry, out = jax.lax.scan(step, carry, (segment_state, grouped(per_layer_inputs),
+        carry, out = jax.lax.scan(step, carry, (grouped(state), grouped(per_layer_inputs),
                                                 jnp.arange(segment.groups, dtype=jnp.int32)))
         if with_outputs:
             outputs.append(jax.tree.map(lambda a: a.reshape(segment.groups * period, *a.shape[2:]), out))
     if not with_outputs:
         return carry
     return carry, (outputs[0] if len(outputs) == 1 else jax.tree.map(lambda *o: jnp.concatenate(o), *outputs))
+
+
+def _scan_switched(state, member, carry, per_layer_inputs, plan, remat, with_outputs, first_index):
+    """Several segments (a remainder: Gemma 3's 26 = 4 × 6 + 2; Qwen2's N global then sliding):
+    slicing [L, ...] into segments would copy each segment's params (and KV cache) before its scan,
+    a whole extra copy of the layers' weights. Instead one scan over all L layers, the layer's body
+    picked by `lax.switch` among the distinct kinds, each branch traced once with its static kind:
+    no copy, flat compile time (one body per distinct kind), one conditional per layer."""
+    kinds = _unrolled(plan)
+    distinct = list(dict.fromkeys(kinds))
+    branch_of = jnp.asarray([distinct.index(kind) for kind in kinds], jnp.int32)  # [L]
+
+    def branch(kind):
+        def run(layer_state, carry, layer_input, index):
+            result = member(kind, layer_state, carry, layer_input, index)
+            return result if with_outputs else (result, None)
+        return run
+
+    def step(carry, xs):
+        layer_state, layer_input, index, which = xs
+        return jax.lax.switch(which, [branch(kind) for kind in distinct], layer_state, carry, layer_input, index)
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    num_layers = len(kinds)
+    carry, outputs = jax.lax.scan(step, carry, (state, per_layer_inputs, first_index + jnp.arange(num_layers, dtype=jnp.int32),
+                                                branch_of))
+    return (carry, outputs) if with_outputs else carry
