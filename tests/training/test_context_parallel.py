@@ -1,0 +1,156 @@
+"""Context parallelism (the `context` mesh axis splits the sequence): the same logits, losses and
+gradients as one device, with causal masks, packed documents, padding, sliding windows and
+soft-capping; and attention's memory per device falls as the context axis grows.
+
+Every batch here puts document and padding boundaries, and sliding windows, across the shard
+boundaries (32 tokens on up to 8 shards: 4 per shard, windows of 5), and gives no positions to
+the logits test, so the RoPE positions the model counts itself must be global too.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxft
+from jaxft import optim, sharding, step
+from jaxft.models import context_parallel
+from jaxft.tasks.causal_lm import NextTokenLoss
+
+MESHES = [{"context": 8}, {"context": 4, "fsdp": 2}, {"context": 2, "data": 4}]
+SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama": dict(model_type="llama", rope_theta=500000.0),
+    "mistral_window": dict(model_type="mistral", sliding_window=5),  # one window for all layers: static
+    # Mixed sliding/global layers (a window scanned per layer) and soft-capped scores.
+    "gemma2_softcap": dict(model_type="gemma2", head_dim=16, query_pre_attn_scalar=20, sliding_window=5,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+}
+CFG = optim.OptimConfig(name="adamw", learning_rate=1e-3, schedule="constant", total_steps=10, clip_norm=1.0)
+
+
+def packed_batch(vocab: int, rows: int = 8, length: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of 1-3 packed documents, right- or left-padded, with next-token targets; positions
+    restart at each document; no target across a document boundary or on padding."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (rows, length + 1)).astype(np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    for r in range(rows):
+        cuts = np.sort(rng.choice(np.arange(3, length - 3), rng.randint(0, 3), replace=False))
+        segments[r] = 1 + np.searchsorted(cuts, np.arange(length), side="right")
+        pad = rng.randint(0, 9)
+        if r % 2:
+            segments[r, length - pad:] = 0  # right padding
+        else:
+            segments[r, :pad] = 0  # left padding
+    attention = (segments > 0).astype(np.int32)
+    starts = np.concatenate([np.ones((rows, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    positions = np.zeros_like(segments)
+    for r in range(rows):
+        for t in range(length):
+            positions[r, t] = 0 if starts[r, t] else positions[r, t - 1] + 1
+    positions = np.where(attention, positions, 0)
+    loss_mask = attention.astype(np.float32)
+    loss_mask[:, :-1] *= segments[:, 1:] == segments[:, :-1]  # the next token is of the same document
+    loss_mask[:, -1] = 0.0
+    loss_mask[:, :2] = 0.0
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask, "attention_mask": attention,
+            "positions": positions.astype(np.int32), "segment_ids": segments}
+
+
+def build(family: str):
+    model = jaxft.init_random({**SMALL, **FAMILIES[family]}, seed=1)
+    return step.split_model(model)
+
+
+def placed(model_def, params, frozen, mesh):
+    shape = lambda tree: {p: tuple(x.shape) for p, x in tree.items()}  # noqa: E731
+    put = lambda tree: jax.device_put(tree, sharding.param_shardings(model_def.axes, shape(tree), mesh))  # noqa: E731
+    return put(params), put(frozen)
+
+
+def forward_logits(model_def, params, frozen, batch, mesh=None):
+    def logits(params, frozen, batch):
+        return model_def.merge(params, frozen)(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                               segment_ids=batch["segment_ids"])
+
+    if mesh is None:
+        return np.asarray(jax.jit(logits)(params, frozen, batch))
+    params, frozen = placed(model_def, params, frozen, mesh)
+    with sharding.activate(mesh):
+        return np.asarray(jax.jit(lambda *a: logits(*a))(params, frozen, sharding.global_batch(batch, mesh)))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return packed_batch(SMALL["vocab_size"])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_logits_match_one_device(family, batch, monkeypatch):
+    model_def, params, frozen = build(family)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "segment_ids")}
+    expected = forward_logits(model_def, params, frozen, inputs)
+    real = batch["attention_mask"].astype(bool)
+    calls = []
+    original = context_parallel.attention
+    monkeypatch.setattr(context_parallel, "attention", lambda *a, **k: calls.append(a[-1].shards) or original(*a, **k))
+    for shape in MESHES:
+        calls.clear()
+        got = forward_logits(model_def, params, frozen, inputs, sharding.make_mesh(shape))
+        # The (scanned) layers' attention really ran context-parallel, over the mesh's context shards.
+        assert calls and set(calls) == {shape["context"]}, (shape, calls)
+        np.testing.assert_allclose(got[real], expected[real], atol=1e-5, err_msg=f"{family} on {shape}")
+
+
+def train(model_def, params, frozen, batches, mesh=None):
+    """(losses of len(batches) AdamW steps, final params, gradients at the initial params), from one
+    jitted function per mesh (the step plus the gradient of its loss: one compile)."""
+    optimizer = optim.make_optimizer(CFG, params, model_def.axes)
+    objective = NextTokenLoss(z_loss=1e-3)
+    grad_fn = jax.grad(lambda *a: step.make_loss_fn(model_def, objective)(*a)[0])
+    train_step = step.make_train_step(model_def, optimizer, objective)
+
+    def step_and_grads(state, batch):
+        grads = grad_fn(state.params, state.frozen, batch, jnp.maximum(objective.normalizer(batch), 1.0), None)
+        state, metrics = train_step(state, batch)
+        return state, metrics["loss"], grads
+
+    state = step.init_state(params, frozen, optimizer)
+    if mesh is None:
+        place = lambda b: {k: jnp.asarray(v) for k, v in b.items()}  # noqa: E731
+    else:
+        state_sh = sharding.state_shardings(state, optimizer, model_def.axes, mesh)
+        state = jax.device_put(state, state_sh)
+        place = lambda b: sharding.global_batch(b, mesh)  # noqa: E731
+    compiled = jax.jit(lambda *a: step_and_grads(*a))  # a new function per mesh: traced under its rules
+    losses, gradients = [], None
+    with sharding.activate(mesh) if mesh is not None else _nothing():
+        for b in batches:
+            state, loss, grads = compiled(state, place(b))
+            losses.append(float(loss))
+            gradients = jax.device_get(grads) if gradients is None else gradients
+    return losses, jax.device_get(state.params), gradients
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2_softcap", marks=pytest.mark.slow)])
+def test_training_losses_and_gradients_match_one_device(family):
+    model_def, params, frozen = build(family)
+    batches = [packed_batch(SMALL["vocab_size"], seed=s) for s in range(2)]
+    losses, final, grads = train(model_def, params, frozen, batches)
+    assert losses[1] < losses[0]
+    for shape in MESHES:
+        got_losses, got_final, got_grads = train(model_def, params, frozen, batches, sharding.make_mesh(shape))
+        np.testing.assert_allclose(got_losses, losses, atol=1e-5, err_msg=str(shape))
+        for path in grads:
+            np.testing.assert_allclose(got_grads[path], grads[path], atol=1e-5, err_msg=f"{path} on {shape}")
+            np.testing.assert_allclose(got_final[path], final[path], atol=1e-5, err_msg=f"{path} on {shape}")
