@@ -36,23 +36,25 @@ def packed_batch(vocab: int, rows: int = 8, length: int = 32, seed: int = 0) -> 
     rng = np.random.RandomState(seed)
     ids = rng.randint(0, vocab, (rows, length + 1)).astype(np.int32)
     segments = np.zeros((rows, length), np.int32)
+    attention = np.ones((rows, length), np.int32)
     for r in range(rows):
         cuts = np.sort(rng.choice(np.arange(3, length - 3), rng.randint(0, 3), replace=False))
         segments[r] = 1 + np.searchsorted(cuts, np.arange(length), side="right")
-        pad = rng.randint(0, 9)
-        if r % 2:
-            segments[r, length - pad:] = 0  # right padding
-        else:
-            segments[r, :pad] = 0  # left padding
-    attention = (segments > 0).astype(np.int32)
-    starts = np.concatenate([np.ones((rows, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+        pad = rng.randint(1, 9)
+        padding = np.arange(length) >= length - pad if r % 2 else np.arange(length) < pad  # right or left
+        attention[r] = ~padding
+        # Padding in segment 0, or (half the rows) in its neighbour document's: then only the
+        # attention mask keeps it out.
+        segments[r, padding] = 0 if r % 4 < 2 else segments[r, ~padding][-1 if r % 2 else 0]
+    starts = np.concatenate([np.ones((rows, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1) | (
+        np.concatenate([np.ones((rows, 1), bool), attention[:, 1:] != attention[:, :-1]], axis=1))
     positions = np.zeros_like(segments)
     for r in range(rows):
         for t in range(length):
             positions[r, t] = 0 if starts[r, t] else positions[r, t - 1] + 1
     positions = np.where(attention, positions, 0)
     loss_mask = attention.astype(np.float32)
-    loss_mask[:, :-1] *= segments[:, 1:] == segments[:, :-1]  # the next token is of the same document
+    loss_mask[:, :-1] *= (segments[:, 1:] == segments[:, :-1]) & (attention[:, 1:] == 1)  # next token: same document
     loss_mask[:, -1] = 0.0
     loss_mask[:, :2] = 0.0
     return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": loss_mask, "attention_mask": attention,
@@ -154,3 +156,35 @@ def test_training_losses_and_gradients_match_one_device(family):
         for path in grads:
             np.testing.assert_allclose(got_grads[path], grads[path], atol=1e-5, err_msg=f"{path} on {shape}")
             np.testing.assert_allclose(got_final[path], final[path], atol=1e-5, err_msg=f"{path} on {shape}")
+
+
+def attention_memory(context: int, length: int = 1024) -> int:
+    """Per-device temp bytes of attention's forward and backward (XLA's compiled count) for one
+    [1, length] sequence of 8 query heads over 2 KV heads, split over `context` devices."""
+    from jaxft.models import attention as attn_lib
+    from jaxft.models import layers
+
+    heads, kv_heads, dim = 8, 2, 64
+    q_axes, kv_axes = (layers.Axis.BATCH, layers.Axis.SEQ, layers.Axis.HEADS, None), \
+        (layers.Axis.BATCH, layers.Axis.SEQ, layers.Axis.KV_HEADS, None)
+
+    def loss(q, k, v, segments):
+        mask = attn_lib.MaskInfo.for_sequence(1, length, segment_ids=segments)
+        q, k, v = layers.constrain(q, q_axes), layers.constrain(k, kv_axes), layers.constrain(v, kv_axes)
+        return attn_lib.attention(q, k, v, mask, None, dim**-0.5).sum()
+
+    shapes = [jax.ShapeDtypeStruct((1, length, n, dim), jnp.float32) for n in (heads, kv_heads, kv_heads)]
+    mesh = sharding.make_mesh({"context": context}, devices=jax.devices()[:context])
+    with sharding.activate(mesh):
+        grads = jax.jit(lambda *a: jax.grad(loss, argnums=(0, 1, 2))(*a))
+        stats = grads.lower(*shapes, jax.ShapeDtypeStruct((1, length), jnp.int32)).compile().memory_analysis()
+    return stats.temp_size_in_bytes
+
+
+def test_attention_memory_per_device_falls_with_the_context_size():
+    """Each device holds its T/c queries' [T/c, T] scores (the keys gathered are [T, K, D], small):
+    measured on XLA:CPU, MiB for c = 1, 2, 4, 8: 100, 51, 42, 21 at T=1024 (here); 520, 262, 132,
+    99 at T=2048. XLA's scheduling keeps some buffers longer than c alone predicts."""
+    temp = {c: attention_memory(c) for c in (1, 2, 4, 8)}
+    assert temp[1] > temp[2] > temp[4] > temp[8], temp
+    assert temp[2] < 0.6 * temp[1] and temp[8] < temp[1] / 4, temp
