@@ -7,6 +7,8 @@ boundaries (32 tokens on up to 8 shards: 4 per shard, windows of 5), and gives n
 the logits test, so the RoPE positions the model counts itself must be global too.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,33 @@ def test_attention_memory_per_device_falls_with_the_context_size():
     temp = {c: attention_memory(c) for c in (1, 2, 4, 8)}
     assert temp[1] > temp[2] > temp[4] > temp[8], temp
     assert temp[2] < 0.6 * temp[1] and temp[8] < temp[1] / 4, temp
+
+
+def test_chunked_loss_takes_a_chunk_of_every_shard():
+    """train.loss_chunk under context parallelism: each scan step takes `chunk` tokens of every shard
+    (no gather of the sequence), and the loss and gradients are those of the unchunked loss."""
+    model_def, params, frozen = build("llama")
+    batch = packed_batch(SMALL["vocab_size"], seed=3)
+    normalizer = jnp.asarray(batch["loss_mask"].sum())
+
+    def value_and_grad(chunk):
+        loss_fn = step.make_loss_fn(model_def, NextTokenLoss(chunk=chunk, z_loss=1e-3))
+        return jax.value_and_grad(lambda p, f, b: loss_fn(p, f, b, normalizer, None)[0])
+
+    expected, expected_grads = jax.jit(value_and_grad(0))(params, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+    mesh = sharding.make_mesh({"context": 4, "fsdp": 2})
+    placed_params, placed_frozen = placed(model_def, params, frozen, mesh)
+    inputs = (placed_params, placed_frozen, sharding.global_batch(batch, mesh))
+    with sharding.activate(mesh):
+        compiled = jax.jit(lambda *a: value_and_grad(2)(*a)).lower(*inputs).compile()
+        loss, grads = compiled(*inputs)
+        # No hidden states [.., hidden] are gathered across the shards (chunks of one shard would be;
+        # what is gathered is weights (FSDP) and attention's keys/values [.., head_dim]).
+        gathered = re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", compiled.as_text())
+        hidden = [shape for shape in gathered if shape.count(",") >= 2 and shape.endswith(f",{SMALL['hidden_size']}")]
+        assert gathered and not hidden, hidden
+        np.testing.assert_allclose(loss, expected, atol=1e-6)
+        for path in grads:
+            np.testing.assert_allclose(grads[path], expected_grads[path], atol=1e-5, err_msg=path)
+        with pytest.raises(ValueError, match="loss chunk 3 does not divide the 8 tokens of each of the 4 context"):
+            jax.jit(lambda *a: value_and_grad(3)(*a))(placed_params, placed_frozen, sharding.global_batch(batch, mesh))
