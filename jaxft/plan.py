@@ -303,7 +303,7 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
     inputs, seen = set(closed.jaxpr.invars), set()
     tp_dims = {hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads"),
                hf_config.get("intermediate_size"), vocab}
-    context = sizes.get("context", 1)
+    context, chunk = sizes.get("context", 1), config.train.loss_chunk
     out = {"logits": 0, "stacked": 0, "other": 0}
     for var in residuals:
         if isinstance(var, jcore.Literal) or var in inputs or var in seen:
@@ -318,7 +318,9 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
             nbytes //= sizes["tensor"]
         # Context parallelism splits activations along the sequence (attention's [.., T, S] scores
         # along the queries: each device's T/c against all S keys).
-        if context > 1 and seq in shape and seq % context == 0:
+        # A chunked loss's [T/chunk, B, chunk, ..] pieces too (jaxft.losses.over_chunks).
+        chunked = chunk and len(shape) >= 3 and shape[0] == seq // chunk and shape[2] == chunk
+        if context > 1 and (seq in shape or chunked) and seq % context == 0:
             nbytes //= context
         if len(shape) >= 2 and shape[-1] == vocab:
             out["logits"] += nbytes

@@ -220,3 +220,43 @@ def test_chunked_loss_takes_a_chunk_of_every_shard():
             np.testing.assert_allclose(grads[path], expected_grads[path], atol=1e-5, err_msg=path)
         with pytest.raises(ValueError, match="loss chunk 3 does not divide the 8 tokens of each of the 4 context"):
             jax.jit(lambda *a: value_and_grad(3)(*a))(placed_params, placed_frozen, sharding.global_batch(batch, mesh))
+
+
+def test_splash_runs_per_shard_with_its_query_offset(monkeypatch):
+    """Splash attention (Pallas interpret mode on CPU) inside context parallelism: each shard's
+    kernel has its causal/local mask offset by its first query index; packed segments, padding, a
+    sliding window across the shard boundary and soft-capping as in the XLA reference on one device
+    (forward and gradients, over real query rows: padding rows are "don't care" for fused kernels)."""
+    from jaxft.models import attention as attn_lib
+    from jaxft.models import layers
+
+    rows, length, dim = 2, 256, 16  # 128 queries per shard: splash's smallest block
+    rng = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rng.randn(rows, length, n, dim).astype(np.float32)) for n in (4, 2, 2))
+    segments = np.ones((rows, length), np.int32)
+    segments[0, 100:], segments[1, 150:] = 2, 2
+    valid = np.ones((rows, length), np.int32)
+    valid[1, -20:] = 0
+
+    def loss(q, k, v, segments, valid, implementation):
+        mask = attn_lib.MaskInfo.for_sequence(rows, length, valid, segments)
+        axes = lambda heads: (layers.Axis.BATCH, layers.Axis.SEQ, heads, None)  # noqa: E731
+        q = layers.constrain(q, axes(layers.Axis.HEADS))
+        k, v = layers.constrain(k, axes(layers.Axis.KV_HEADS)), layers.constrain(v, axes(layers.Axis.KV_HEADS))
+        out = attn_lib.attention(q, k, v, mask, 100, dim**-0.5, implementation, softcap=2.0)
+        return (out * valid[:, :, None, None]).sum(), out
+
+    grad = lambda implementation: jax.value_and_grad(  # noqa: E731
+        lambda *a: loss(*a, implementation), argnums=(0, 1, 2), has_aux=True)
+    (_, expected), expected_grads = grad("xla")(q, k, v, segments, valid)
+    offsets = []
+    original = context_parallel._splash
+    monkeypatch.setattr(context_parallel, "_splash", lambda *a, **kw: offsets.append(a[-1]) or original(*a, **kw))
+    mesh = sharding.make_mesh({"context": 2, "data": 4})
+    with sharding.activate(mesh):
+        (_, out), grads = jax.jit(grad("splash"))(q, k, v, segments, valid)
+    assert offsets == [2]  # the splash path ran (no fallback to the reference), over 2 shards
+    real = valid.astype(bool)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, atol=2e-5)
