@@ -91,10 +91,18 @@ def attention(q, k, v, mask, window, scale: float, implementation: str, softcap:
         local = attn_lib.MaskInfo(q_index, gather(kv_index), q_segment, gather(kv_segment), gather(kv_valid))
         k, v = gather(k), gather(v)
         with layers.logical_sharding(None):  # inside shard_map every array is this device's: no constraints
-            if implementation == "splash" and _splash_reason(q, k, layer_window) is None:
-                q_valid = kv_valid  # the full sequence: a query is real where its own key is
-                return _splash(q, k, v, local, q_valid, layer_window, scale, softcap,
-                               jax.lax.axis_index(where.seq), where.shards)
+            if implementation == "splash":
+                reason = _splash_reason(q, k, layer_window)
+                if reason is None:
+                    q_valid = kv_valid  # the full sequence: a query is real where its own key is
+                    return _splash(q, k, v, local, q_valid, layer_window, scale, softcap,
+                                   jax.lax.axis_index(where.seq), where.shards)
+                _log_fallback("splash", reason)
+                return attn_lib.reference_attention(q, k, v, local, layer_window, scale, softcap=softcap)
+            if implementation == "cudnn":  # its causal flag is tile-relative: it cannot offset the queries
+                _log_fallback("cudnn", "a context shard's queries start at an offset, which cuDNN's causal mask "
+                                       "cannot take")
+                return attn_lib.reference_attention(q, k, v, local, layer_window, scale, softcap=softcap)
             return attn_lib.attention(q, k, v, local, layer_window, scale, implementation, softcap=softcap)
 
     q_spec, ids = P(where.rows, where.seq, where.heads, None), P(where.rows, where.seq)
@@ -103,6 +111,14 @@ def attention(q, k, v, mask, window, scale: float, implementation: str, softcap:
     if traced_window:
         args, specs = (*args, window), (*specs, P())
     return jax.shard_map(per_shard, mesh=where.mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+
+
+def _log_fallback(implementation: str, reason: str) -> None:
+    from jaxft.models import attention as attn_lib
+
+    if (implementation, reason) not in attn_lib._LOGGED:  # once per reason per process, as attention() does
+        attn_lib._LOGGED.add((implementation, reason))
+        attn_lib.log.warning("context-parallel attention %r falls back to the xla reference: %s", implementation, reason)
 
 
 # --- splash attention with a query offset --------------------------------------------------------
