@@ -157,7 +157,8 @@ def test_training_losses_and_gradients_match_one_device(family):
         np.testing.assert_allclose(got_losses, losses, atol=1e-5, err_msg=str(shape))
         for path in grads:
             np.testing.assert_allclose(got_grads[path], grads[path], atol=1e-5, err_msg=f"{path} on {shape}")
-            np.testing.assert_allclose(got_final[path], final[path], atol=1e-5, err_msg=f"{path} on {shape}")
+            # Adam divides by √v: an entry whose gradient is ~0 moves by up to lr on float noise alone.
+            np.testing.assert_allclose(got_final[path], final[path], atol=1e-4, err_msg=f"{path} on {shape}")
 
 
 def attention_memory(context: int, length: int = 1024) -> int:
