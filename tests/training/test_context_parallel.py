@@ -149,7 +149,7 @@ class _nothing:
 @pytest.mark.parametrize("family", ["llama", pytest.param("gemma2_softcap", marks=pytest.mark.slow)])
 def test_training_losses_and_gradients_match_one_device(family):
     model_def, params, frozen = build(family)
-    batches = [packed_batch(SMALL["vocab_size"], seed=s) for s in range(2)]
+    batches = [packed_batch(SMALL["vocab_size"])] * 2  # the same batch twice: the second loss shows the step
     losses, final, grads = train(model_def, params, frozen, batches)
     assert losses[1] < losses[0]
     for shape in MESHES:
