@@ -163,7 +163,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.peft.prompt_tuning_init_text = ml_collections.FieldReference(None, field_type=str)  # TEXT: the starting text
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = {"data": -1}  # axes data, fsdp, tensor; -1 takes the remaining devices
+    c.mesh.shape = {"data": -1}  # axes data, fsdp, context (splits sequences), tensor; -1 takes the remaining devices
     c.mesh.coordinator = ml_collections.FieldReference(None, field_type=str)  # multi-host: "host:port"
     c.mesh.num_processes = ml_collections.FieldReference(None, field_type=int)
     c.mesh.process_id = ml_collections.FieldReference(None, field_type=int)

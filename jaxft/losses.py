@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxft.models import layers
 
 
 def forward(model, batch):
@@ -48,11 +51,22 @@ def chunked_cross_entropy_sums(model, hidden, targets, loss_mask, z_loss: float,
 
 def over_chunks(fn, init, chunk: int, hidden, *arrays):
     """Folds `fn(carry, hidden_chunk, *array_chunks) -> carry` over sequence chunks of `chunk`
-    tokens ([N, T, ...] arrays split on T), each chunk rematerialized in the backward pass."""
+    tokens ([N, T, ...] arrays split on T), each chunk rematerialized in the backward pass.
+
+    With the sequence split over c context shards, each step takes `chunk` tokens from every shard
+    (a [N, c·chunk] piece, still split c ways) rather than c·chunk tokens of one shard, which would
+    gather them onto every device; `fn` must not depend on the tokens' order (sums do not)."""
     rows, length = hidden.shape[:2]
-    if length % chunk:
-        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}")
-    split = lambda x: x.reshape(rows, length // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731
+    shards = _sequence_shards(hidden)
+    if length % (chunk * shards):
+        raise ValueError(f"loss chunk {chunk} does not divide the sequence length {length}" if shards == 1 else
+                         f"loss chunk {chunk} does not divide the {length // shards} tokens of each of the "
+                         f"{shards} context shards of the sequence length {length}")
+    steps = length // (chunk * shards)
+
+    def split(x):  # [N, T, ...] → [steps, N, shards·chunk, ...]: step i takes the i-th chunk of every shard
+        x = x.reshape(rows, shards, steps, chunk, *x.shape[2:])
+        return jnp.moveaxis(x, 2, 0).reshape(steps, rows, shards * chunk, *x.shape[4:])
 
     @jax.checkpoint
     def body(carry, xs):
@@ -60,6 +74,17 @@ def over_chunks(fn, init, chunk: int, hidden, *arrays):
 
     carry, _ = jax.lax.scan(body, init, (split(hidden), *map(split, arrays)))
     return carry
+
+
+def _sequence_shards(hidden) -> int:
+    """How many ways the active mesh splits the sequence of `hidden` [N, T, D] (1: no mesh)."""
+    to_sharding = layers._LOGICAL_TO_SPEC.get()
+    if to_sharding is None:
+        return 1
+    sharded = to_sharding((layers.Axis.BATCH, layers.Axis.SEQ, layers.Axis.EMBED), hidden.shape)
+    seq = sharded.spec[1]
+    names = () if seq is None else (seq,) if isinstance(seq, str) else tuple(seq)
+    return int(np.prod([sharded.mesh.shape[n] for n in names])) if names else 1
 
 
 def token_log_probs(logits, targets):

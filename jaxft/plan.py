@@ -13,7 +13,8 @@ Counted per device (an array's bytes / the shards its NamedSharding gives it on 
   optimizer state  as optax builds it (AdamW: two moments per trainable param)
   gradients        one per trainable param; twice with grad_accum > 1 (the accumulator + a micro-batch's)
   activations      what the backward pass keeps under train.remat: the residuals of the loss's VJP, as
-                   jax itself saves them, traced (make_jaxpr, no FLOPs) on one micro-batch's shapes
+                   jax itself saves them, traced (make_jaxpr, no FLOPs) on one micro-batch's shapes;
+                   with a `context` mesh axis, those along the sequence are split over it
   logits           the [B, T, V] float32 residual of the loss (one chunk's with train.loss_chunk)
   working set      the largest transient: one layer's backward (its forward intermediates, recomputed
                    under remat, their cotangents and, with FSDP, its gathered weights), the logits'
@@ -216,6 +217,7 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     micro = max(config.train.batch_size // accum // dp, 1)
     grown = parts.new_vocab  # model.add_tokens: the grown vocabulary is what the step computes over
     seq, vocab = config.data.seq_len, grown.size if grown else int(hf_config["vocab_size"])
+    context = sizes.get("context", 1)
     saved = _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused)
     if config.train.remat == "none":
         full = saved
@@ -229,12 +231,19 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     # recomputes, alive at once (0.4: XLA's CPU count on the demo model, tests/test_plan.py). A
     # quantized layer's dequantized weights are among its intermediates, so they are in `layer`.
     layer_working = layer + int(0.4 * recomputed)
-    if sizes["fsdp"] > 1:  # FSDP gathers each layer's weights whole (but for tensor splits) to use them
+    if sizes["fsdp"] > 1 or context > 1:  # FSDP gathers each layer's weights whole (but for tensor splits) to use them
         stacked = [(p, x) for p, x in {**state.params, **state.frozen}.items() if x.shape and x.shape[0] == layers]
-        tensor_only = {**sizes, "data": 1, "fsdp": 1}
+        tensor_only = {**sizes, "data": 1, "fsdp": 1, "context": 1}
         layer_working += sum(_nbytes(x) // _shards(sharding.logical_to_spec(axes[p], x.shape, mesh), tensor_only)
                              for p, x in stacked) // layers
-    chunk = config.train.loss_chunk or seq
+    if context > 1:  # context-parallel attention gathers each layer's keys and values whole (and their cotangents)
+        kv_heads = int(hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"])
+        head_dim = int(hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"])
+        compute = jnp.dtype(config.model.compute_dtype or config.model.dtype).itemsize
+        kv_tp = sizes["tensor"] if kv_heads % sizes["tensor"] == 0 else 1
+        layer_working += 2 * 2 * micro * seq * kv_heads * head_dim * compute // kv_tp
+    # Per device, a chunked loss holds `chunk` tokens of each context shard (jaxft.losses.over_chunks).
+    chunk = config.train.loss_chunk or seq // context
     tp = sizes["tensor"] if vocab % sizes["tensor"] == 0 else 1
     # The logits' cotangent (softmax fused in), for objectives that make [B, T, V] logits at all.
     logits_working = micro * chunk * vocab * 4 // tp if saved["logits"] else 0
@@ -256,8 +265,9 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
         ("optimizer state", opt_bytes, config.train.optimizer),
         ("gradients", grads, "+ accumulator" if accum > 1 else ""),
         (f"activations (remat={config.train.remat})", saved["other"],
-         f"saved for backward, micro-batch {micro} × {seq}"),
-        (f"logits [{saved['logits'] // (seq * vocab * 4) or micro}, {seq}, {vocab}] f32" if not config.train.loss_chunk
+         f"saved for backward, micro-batch {micro} × {seq}" + (f" / context {context}" if context > 1 else "")),
+        (f"logits [{saved['logits'] // (seq // context * vocab * 4) or micro}, {seq if context == 1 else f'{seq}/{context}'}, "
+         f"{vocab}] f32" if not config.train.loss_chunk
          else f"logits, chunks of {chunk} tokens", saved["logits"], ""),
         ("working set", *working),
     ]
@@ -301,6 +311,7 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
     inputs, seen = set(closed.jaxpr.invars), set()
     tp_dims = {hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads"),
                hf_config.get("intermediate_size"), vocab}
+    context, chunk = sizes.get("context", 1), config.train.loss_chunk
     out = {"logits": 0, "stacked": 0, "other": 0}
     for var in residuals:
         if isinstance(var, jcore.Literal) or var in inputs or var in seen:
@@ -313,6 +324,12 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
         # Tensor parallelism splits heads / mlp / vocab activations; the batch is already per device.
         if sizes["tensor"] > 1 and any(d in tp_dims and d % sizes["tensor"] == 0 for d in shape):
             nbytes //= sizes["tensor"]
+        # Context parallelism splits activations along the sequence (attention's [.., T, S] scores
+        # along the queries: each device's T/c against all S keys).
+        # A chunked loss's [T/chunk, B, chunk, ..] pieces too (jaxft.losses.over_chunks).
+        chunked = chunk and len(shape) >= 3 and shape[0] == seq // chunk and shape[2] == chunk
+        if context > 1 and (seq in shape or chunked) and seq % context == 0:
+            nbytes //= context
         if len(shape) >= 2 and shape[-1] == vocab:
             out["logits"] += nbytes
         else:

@@ -2,11 +2,15 @@
 
 Every parameter carries logical axis names (`axes` metadata, e.g. ("mlp", "embed")); activations are
 pinned with the same names through `jaxft.models.layers.constrain`. `DEFAULT_RULES` maps them onto
-the mesh axes `data`, `fsdp` and `tensor`:
+the mesh axes `data`, `fsdp`, `context` and `tensor`:
 
-- data:   batch split, params replicated
-- fsdp:   batch split, params split along `embed` (ZeRO-3 style: gathered per layer as needed)
-- tensor: heads / mlp / vocab split (Megatron style)
+- data:    batch split, params replicated
+- fsdp:    batch split, params split along `embed` (ZeRO-3 style: gathered per layer as needed)
+- context: sequence split (context parallelism for long sequences: each device holds T / context
+           tokens of every activation; attention gathers the keys and values, see
+           jaxft.models.context_parallel); params split along `embed` as with fsdp, since the
+           devices of a context group hold the same rows and would otherwise each keep a full copy
+- tensor:  heads / mlp / vocab split (Megatron style)
 
 A dimension that a mesh axis does not divide stays replicated along that axis, so tiny test models
 and odd head counts still run on any mesh.
@@ -24,14 +28,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.models import layers
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")  # context next to tensor: both talk every layer
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: Rules = (
     (layers.Axis.BATCH, ("data", "fsdp")),
-    (layers.Axis.SEQ, None),
+    (layers.Axis.SEQ, "context"),
     (layers.Axis.VOCAB, "tensor"),
-    (layers.Axis.EMBED, "fsdp"),
+    (layers.Axis.EMBED, ("fsdp", "context")),
     (layers.Axis.HEADS, "tensor"),
     (layers.Axis.KV_HEADS, "tensor"),
     (layers.Axis.MLP, "tensor"),
@@ -41,9 +45,12 @@ DEFAULT_RULES: Rules = (
 
 
 def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one entry may be -1 to take the devices left over.
+    """A (data, fsdp, context, tensor) mesh; one entry may be -1 to take the devices left over.
 
-    >>> make_mesh({"fsdp": -1, "tensor": 2})  # on 8 devices: data=1, fsdp=4, tensor=2
+    >>> make_mesh({"fsdp": -1, "tensor": 2})  # on 8 devices: data=1, fsdp=4, context=1, tensor=2
+    >>> make_mesh({"context": 4, "fsdp": 2})  # sequences split 4 ways, rows 2 ways
+
+    A sequence of sizes is in MESH_AXES order; 3 entries are the older (data, fsdp, tensor) form.
     """
     devices = list(devices if devices is not None else jax.devices())
     if isinstance(shape, Mapping):
@@ -53,6 +60,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
         sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     else:
         sizes = [int(s) for s in shape]
+        if len(sizes) == 3:  # (data, fsdp, tensor), from before the context axis
+            sizes.insert(MESH_AXES.index("context"), 1)
         if len(sizes) != len(MESH_AXES):
             raise ValueError(f"mesh.shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if sizes.count(-1) > 1:
@@ -131,6 +140,13 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules: Rules = D
                          f"{grad_accum}) is not divisible by the data-parallel size {dp} ({describe(mesh)})")
     if global_batch % jax.process_count():
         raise ValueError(f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes")
+    if mesh.shape.get("context", 1) > 1:
+        # Each process feeds whole rows (global_batch); the devices of one context group share their
+        # rows, so they must all be fed by the same process.
+        grid = np.moveaxis(np.vectorize(lambda d: d.process_index)(mesh.devices), mesh.axis_names.index("context"), -1)
+        if (grid != grid[..., :1]).any():
+            raise ValueError(f"the context axis ({describe(mesh)}) spans processes; put it within a host "
+                             f"(each host feeds whole sequences)")
 
 
 def param_shardings(axes: Mapping[str, tuple], shapes: Mapping[str, tuple], mesh: Mesh,

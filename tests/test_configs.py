@@ -34,7 +34,8 @@ EXPECTED_PARAMS = {"meta-llama/Llama-3.1-8B": 8.03e9, "meta-llama/Llama-3.2-1B":
 
 def test_every_config_file_is_covered():
     assert {os.path.basename(p) for p in CONFIGS} >= {"demo.py", "classify_demo.py", "llama3_8b_lora.py", "llama32_1b_full.py",
-                                                      "qwen25_7b_lora.py", "mistral_7b_lora.py", "chat_sft.py"}
+                                                      "qwen25_7b_lora.py", "mistral_7b_lora.py", "chat_sft.py",
+                                                      "llama3_8b_lora_32k.py"}
 
 
 @pytest.mark.parametrize("path,arg", CASES, ids=[f"{os.path.basename(p)}:{a}" for p, a in CASES])

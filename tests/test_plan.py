@@ -147,3 +147,15 @@ def test_preference_plans_match_the_compiled_step(name):
                          num_devices=1)
         # Full fine-tuning: the frozen reference copy is as big as the trained params.
         assert full.estimate.get("frozen base") == full.estimate.get("trainable")
+
+
+def test_context_parallelism_divides_the_sequence_activations():
+    """configs/llama3_8b_lora_32k.py: context=8 splits the 32k sequence's activations (and the base,
+    sharded along embed) 8 ways; the v5e-8 plan fits, where one chip could not hold the activations."""
+    spec = f"{CONFIGS}/llama3_8b_lora_32k.py"
+    eight = plan.plan(_load(spec), device="v5e", advise=False)
+    one = plan.plan(_load(spec, "--config.mesh.shape={'data': 1}"), device="v5e", advise=False)
+    assert eight.estimate.get("activations") == pytest.approx(one.estimate.get("activations") / 8, rel=0.02)
+    assert eight.estimate.get("frozen base") == pytest.approx(one.estimate.get("frozen base") / 8, rel=0.01)
+    assert eight.fits and one.fits is False
+    assert "mesh context=8" in eight.table() and "/ context 8" in eight.table()

@@ -162,7 +162,14 @@ def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str
 
     window: int or traced int32 (keys within `window` indices of the query), or None for no window.
     A call the kernel cannot express exactly runs reference_attention; the reason is logged once.
+    Under a mesh whose rules split the sequence (the `context` axis), the call is context-parallel:
+    jaxft.models.context_parallel gathers the keys and runs this same dispatch on each shard.
     """
+    from jaxft.models import context_parallel  # imports this module: here, not at the top
+
+    where = context_parallel.layout(q, k, mask)
+    if where is not None:
+        return context_parallel.attention(q, k, v, mask, window, scale, implementation, softcap, where)
     if implementation != "xla":
         reason = fallback_reason(implementation, q, k, v, mask, window, softcap)
         for record in _RECORDS.get():
