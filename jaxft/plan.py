@@ -309,6 +309,11 @@ def _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused
     outvars = closed.jaxpr.outvars
     residuals = outvars[len(outvars) - len(jax.tree.leaves(out_shape[1])):]
     inputs, seen = set(closed.jaxpr.invars), set()
+    # Views of the inputs are inputs too: layer_groups reshapes the stacked [L, ...] params to
+    # [G, P, ...] for its scan, a layout change XLA makes without a copy.
+    for eqn in closed.jaxpr.eqns:
+        if eqn.primitive.name in ("reshape", "squeeze", "expand_dims") and eqn.invars[0] in inputs:
+            inputs.update(eqn.outvars)
     tp_dims = {hf_config.get("num_attention_heads"), hf_config.get("num_key_value_heads"),
                hf_config.get("intermediate_size"), vocab}
     context, chunk = sizes.get("context", 1), config.train.loss_chunk

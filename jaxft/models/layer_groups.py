@@ -132,6 +132,8 @@ def _scan_plan(state, member, carry, per_layer_inputs, plan, remat, with_outputs
         period = len(segment.kinds)
 
         def grouped(tree, segment=segment, period=period):  # [L, ...] → this segment's [G, P, ...]
+            if period == 1:  # [L, ...] as it is: the scan's own slices, which autodiff need not save
+                return jax.tree.map(lambda a: a[segment.start:segment.stop], tree)
             return jax.tree.map(
                 lambda a: a[segment.start:segment.stop].reshape(segment.groups, period, *a.shape[1:]), tree)
 
@@ -140,9 +142,9 @@ def _scan_plan(state, member, carry, per_layer_inputs, plan, remat, with_outputs
             results = []
             for j, kind in enumerate(segment.kinds):
                 run = functools.partial(member, kind)
-                if remat != "none":
+                if remat != "none" and period > 1:  # the backward recomputes one member at a time
                     run = jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=False)
-                pick = lambda tree, j=j: jax.tree.map(lambda a: a[j], tree)  # noqa: E731
+                pick = lambda tree, j=j: tree if period == 1 else jax.tree.map(lambda a: a[j], tree)  # noqa: E731
                 result = run(pick(group_state), carry, pick(group_inputs),
                              first_index + segment.start + group * period + j)
                 if with_outputs:
@@ -150,12 +152,19 @@ def _scan_plan(state, member, carry, per_layer_inputs, plan, remat, with_outputs
                     results.append(result)
                 else:
                     carry = result
-            return carry, (jax.tree.map(lambda *r: jnp.stack(r), *results) if with_outputs else None)
+            if not with_outputs:
+                return carry, None
+            return carry, (results[0] if period == 1 else jax.tree.map(lambda *r: jnp.stack(r), *results))
 
+        if remat != "none":
+            # Around the whole group as well: a checkpoint only inside the body would make the scan
+            # save each member's inputs, the weights sliced from the stack among them (a copy of
+            # every layer's weights); around the body it saves only the group's carry.
+            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
         carry, out = jax.lax.scan(step, carry, (grouped(state), grouped(per_layer_inputs),
                                                 jnp.arange(segment.groups, dtype=jnp.int32)))
         if with_outputs:
-            outputs.append(jax.tree.map(lambda a: a.reshape(segment.groups * period, *a.shape[2:]), out))
+            outputs.append(out if period == 1 else jax.tree.map(lambda a: a.reshape(segment.groups * period, *a.shape[2:]), out))
     if not with_outputs:
         return carry
     return carry, (outputs[0] if len(outputs) == 1 else jax.tree.map(lambda *o: jnp.concatenate(o), *outputs))
