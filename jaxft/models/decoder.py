@@ -15,11 +15,13 @@ into a leading axis: `model.layers.{i}.self_attn.q_proj.weight` [out, in] ↔
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import attention as attn_lib
+from jaxft.models import moe as moe_lib
 from jaxft.models.kv_cache import KVCache, write_layer
 from jaxft.models.layers import ACTIVATIONS, Axis, Embed, Linear, RMSNorm, constrain, scan_layers, stack_layers
 from jaxft.models.rope import Rotary, apply_rotary
@@ -52,6 +54,7 @@ class DecoderSpec:
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     final_softcap: float | None = None  # Gemma 2/3: tanh soft-capping of the output logits
     tie_word_embeddings: bool = False
+    moe: moe_lib.MoESpec | None = None  # mixture of experts: which layers are sparse, how they route
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -135,7 +138,7 @@ class DecoderLayer(nnx.Module):
     norm *of the attention output* in Gemma 2/3 (which add pre/post_feedforward_layernorm).
     """
 
-    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs, sparse: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         norm = dict(eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
         self.input_layernorm = RMSNorm(spec.hidden_size, **norm)
@@ -144,21 +147,36 @@ class DecoderLayer(nnx.Module):
         if spec.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
-        self.mlp = MLP(spec, **kw)
+        # A sparse layer's mlp is the mixture of experts (jaxft.models.moe), HF's `mlp.gate`/`mlp.experts`.
+        self.mlp = moe_lib.SparseMoeBlock(spec.moe, spec.hidden_size, spec.activation, **kw) if sparse else MLP(spec, **kw)
         self.sandwich_norms = spec.sandwich_norms
+        self.sparse, self.router_stats = sparse, spec.moe is not None
+        self.num_experts = spec.moe.num_experts if spec.moe is not None else 0
 
     def __call__(self, x, cos, sin, mask, window, cache=None):
+        """→ x; with a cache, (x, cache); in a MoE model without a cache, (x, router stats [2E + 2])."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, cache)
         if cache is not None:
             attended, cache = attended
+        stats = jnp.zeros((moe_lib.stats_size(self.num_experts),), jnp.float32)  # a dense layer adds none
+
+        def mlp(h):
+            nonlocal stats
+            if not self.sparse:
+                return self.mlp(h)
+            out, stats = self.mlp(h, mask.kv_valid if cache is None else None)
+            return out
+
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(attended)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attended
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + mlp(self.post_attention_layernorm(x))
         x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
-        return x if cache is None else (x, cache)
+        if cache is not None:
+            return x, cache
+        return (x, stats) if self.router_stats else x
 
 
 class Decoder(nnx.Module):
@@ -167,8 +185,14 @@ class Decoder(nnx.Module):
     def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embed_tokens = Embed(spec.vocab_size, spec.hidden_size, **kw)
-        self.layers = stack_layers(lambda r: DecoderLayer(spec, param_dtype=param_dtype, dtype=dtype, rngs=r),
-                                   spec.num_layers, rngs)
+        def make_layer(sparse, r):
+            return DecoderLayer(spec, param_dtype=param_dtype, dtype=dtype, rngs=r, sparse=sparse)
+
+        kinds = spec.moe.sparse_layers if spec.moe is not None else (False,) * spec.num_layers
+        if len(set(kinds)) > 1:  # dense layers between sparse ones: a stack of each kind
+            self.layers = moe_lib.MixedLayers(make_layer, kinds, rngs)
+        else:
+            self.layers = stack_layers(lambda r: make_layer(kinds[0], r), spec.num_layers, rngs)
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
         self.spec = spec
         self.dtype = dtype
@@ -202,21 +226,30 @@ class Decoder(nnx.Module):
         # A window shared by every layer (None: all global) goes in as a Python value, so that fused
         # attention kernels know it at trace time; mixed windows (Gemma 2/3) stay scanned (traced).
         uniform_window = len(set(spec.windows)) == 1
+        scan = self.layers.scan if isinstance(self.layers, moe_lib.MixedLayers) else functools.partial(scan_layers, self.layers)
         if cache is None:
-            def body(layer, x, inputs):
+            def body(layer, carry, inputs):
                 window, table = inputs
                 window = spec.windows[0] if uniform_window else window
-                return layer(x, cos_all[table], sin_all[table], mask, window)
+                if spec.moe is None:
+                    return layer(carry, cos_all[table], sin_all[table], mask, window)
+                x, total = carry  # MoE: router stats summed over layers, for the load-balancing loss
+                x, stats = layer(x, cos_all[table], sin_all[table], mask, window)
+                return x, total + stats
 
-            return self.norm(scan_layers(self.layers, x, per_layer, body, remat=remat))
+            if spec.moe is None:
+                return self.norm(scan(x, per_layer, body, remat=remat))
+            x, stats = scan((x, jnp.zeros((moe_lib.stats_size(spec.moe.num_experts),), jnp.float32)), per_layer, body,
+                            remat=remat)
+            moe_lib.report_router_stats(stats)
+            return self.norm(x)
 
         def cached_body(layer, x, inputs):  # also carries this layer's cache slice in and out
             window, table, keys, values = inputs
             window = spec.windows[0] if uniform_window else window
             return layer(x, cos_all[table], sin_all[table], mask, window, (keys, values, write_at))
 
-        x, (keys, values) = scan_layers(self.layers, x, (*per_layer, cache.keys, cache.values), cached_body,
-                                        with_outputs=True)
+        x, (keys, values) = scan(x, (*per_layer, cache.keys, cache.values), cached_body, with_outputs=True)
         return self.norm(x), cache._replace(keys=keys, values=values)
 
 
