@@ -25,6 +25,7 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
 from jaxft import optim, sharding, step, tasks
 from jaxft.models import attention as attn_lib
+from jaxft.models import moe
 from jaxft.peft import lora, quant
 from jaxft.pretrained import from_pretrained, init_random
 from jaxft.tasks.base import Task
@@ -69,6 +70,7 @@ def prepare_model(model, config, task: Task, training: bool = True, mesh=None, a
         trainable = lambda path, variable: not optim.frozen_by_pattern([path], patterns)  # noqa: E731
     model = task.attach(model, config, training=training, mesh=mesh, abstract=abstract)
     attn_lib.set_attention_implementation(model, config.model.attention)
+    moe.set_moe_implementation(model, config.model.get("moe_implementation", "grouped"))
     return model, task.trainable(trainable)
 
 

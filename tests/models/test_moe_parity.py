@@ -71,3 +71,28 @@ def test_fused_layout_loads(built, case, tmp_path):
     a = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     b = np.asarray(fused(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
     assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
+def test_training_aux_loss_equals_transformers(built, case):
+    """The causal-LM objective's router_aux_loss is transformers' aux_loss of the same forward
+    (output_router_logits=True, the padded batch's attention_mask; dense layers add nothing), and
+    router_aux_loss_coef × it is what the objective adds to the loss."""
+    import torch
+
+    from jaxft.tasks.causal_lm import NextTokenLoss
+
+    _, torch_model, model = built(case)
+    ids, mask, positions = padded_batch(model.config.vocab_size, batch=3, length=12)
+    with torch.no_grad():
+        out = torch_model(input_ids=torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(mask),
+                          position_ids=torch.as_tensor(positions, dtype=torch.long), output_router_logits=True)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "positions": jnp.asarray(positions),
+             "targets": jnp.asarray(np.roll(ids, -1, 1)), "loss_mask": jnp.asarray(mask, jnp.float32)}
+    plain, with_aux = NextTokenLoss(), NextTokenLoss(router_aux_loss_coef=0.25, router_z_loss_coef=0.5)
+    loss0, _ = plain.loss(model, batch, plain.normalizer(batch))
+    loss1, metrics = with_aux.loss(model, batch, with_aux.normalizer(batch))
+    assert abs(float(metrics["router_aux_loss"]) - float(out.aux_loss)) <= 1e-6, (metrics, out.aux_loss)
+    expected = float(loss0) + 0.25 * float(out.aux_loss) + 0.5 * float(metrics["router_z_loss"])
+    assert abs(float(loss1) - expected) <= 1e-5
+    assert float(metrics["router_z_loss"]) > 0
