@@ -7,6 +7,8 @@ the mesh axes `data`, `fsdp` and `tensor`:
 - data:   batch split, params replicated
 - fsdp:   batch split, params split along `embed` (ZeRO-3 style: gathered per layer as needed)
 - tensor: heads / mlp / vocab split (Megatron style)
+- expert: mixture-of-experts weights split along their `expert` dimension (expert parallelism); the
+          batch is split over it too, so outside the experts it is one more data-parallel axis
 
 A dimension that a mesh axis does not divide stays replicated along that axis, so tiny test models
 and odd head counts still run on any mesh.
@@ -24,17 +26,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.models import layers
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: Rules = (
-    (layers.Axis.BATCH, ("data", "fsdp")),
+    (layers.Axis.BATCH, ("data", "fsdp", "expert")),
     (layers.Axis.SEQ, None),
     (layers.Axis.VOCAB, "tensor"),
     (layers.Axis.EMBED, "fsdp"),
     (layers.Axis.HEADS, "tensor"),
     (layers.Axis.KV_HEADS, "tensor"),
     (layers.Axis.MLP, "tensor"),
+    (layers.Axis.EXPERT, "expert"),
     (layers.Axis.LAYERS, None),
     (layers.Axis.NORM, None),
 )
@@ -53,6 +56,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
         sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     else:
         sizes = [int(s) for s in shape]
+        if len(sizes) == 3:  # (data, fsdp, tensor), as before the expert axis
+            sizes.insert(2, 1)
         if len(sizes) != len(MESH_AXES):
             raise ValueError(f"mesh.shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if sizes.count(-1) > 1:
