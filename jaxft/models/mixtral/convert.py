@@ -163,3 +163,31 @@ def export_tensors(cfg: MoEConfig, key: str, shape: tuple[int, ...], fetch: Call
     if m and cfg.model_type == "mixtral":
         return [(f"{m.group(1)}.block_sparse_moe.gate.weight", shape, fetch)]
     return [(key, shape, fetch)]
+
+
+def peft_modules(cfg: MoEConfig, module_path: str, shape: tuple[int, ...]):
+    """(HF module, index into the adapter param) pairs of one adapted jaxft module, in the per-expert
+    layout PEFT writes for transformers 4 MoE models and converts onto transformers 5's fused experts
+    when it loads them (peft.utils.transformers_weight_conversion): Mixtral
+    `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen-MoE `mlp.experts.{e}.gate_proj/up_proj/down_proj`.
+    None for modules outside the decoder layers."""
+    if not module_path.startswith(_LAYERS):
+        return None
+    rest = module_path[len(_LAYERS):]
+    kind = rest.split(".", 1)[0]
+    if kind in ("sparse", "dense") and len(set(cfg.sparse_layers)) > 1:
+        ids = [i for i, s in enumerate(cfg.sparse_layers) if s == (kind == "sparse")]
+        rest = rest.split(".", 1)[1]
+    else:
+        ids = list(range(cfg.num_hidden_layers))
+    if rest == "mlp.gate":
+        raise ValueError(f"LoRA on the MoE router ({module_path}) has no PEFT form that transformers 5 loads (its router "
+                         "is not a Linear); export the merged model with --format hf, or leave 'gate' out of lora.targets")
+    m = re.fullmatch(r"mlp\.experts\.(\w+)", rest)
+    if not m:
+        return [(f"{_LAYERS}{layer}.{rest}", (j,)) for j, layer in enumerate(ids)]
+    proj = m.group(1)
+    block, name = ("block_sparse_moe", {v: k for k, v in _MIXTRAL_NAMES.items()}[proj]) if cfg.model_type == "mixtral" \
+        else ("mlp", proj)
+    return [(f"{_LAYERS}{layer}.{block}.experts.{e}.{name}", (j, e)) for j, layer in enumerate(ids)
+            for e in range(cfg.num_experts)]
