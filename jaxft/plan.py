@@ -267,6 +267,14 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     settings = {"micro_batch": micro, "grad_accum": accum, "seq_len": seq, "remat": config.train.remat,
                 "loss_chunk": config.train.loss_chunk, "lora_rank": config.lora.rank, "quantize": quantize,
                 "attention": implementation}
+    from jaxft.models import moe
+
+    routing = moe.counts_of_hf_config(hf_config)
+    if routing:  # MoE: what a token uses (MFU's count) beside what memory holds
+        shapes = {p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items() if ".weight." not in p
+                  or p.endswith(".codes")}
+        settings["params_total"], settings["params_active"] = moe.param_counts(shapes, *routing)
+        settings["experts"] = f"top-{routing[0]} of {routing[1]}"
     return Estimate(rows, settings)
 
 
@@ -473,4 +481,6 @@ def _header(config, hf_config, sizes, est, name) -> str:
     return (f"jaxft plan{' ' + name if name else ''}: {config.model.path} ({hf_config.get('model_type')}), {what}\n"
             f"  mesh {mesh}; micro-batch {s['micro_batch']} × seq {s['seq_len']} per device, grad_accum "
             f"{s['grad_accum']}; remat {s['remat']}; loss_chunk {s['loss_chunk']}; attention {s['attention']}; "
-            f"{config.model.dtype} params, quantize {s['quantize']}")
+            f"{config.model.dtype} params, quantize {s['quantize']}"
+            + (f"\n  experts {s['experts']}: {s['params_total'] / 1e9:.2f}B params in total, {s['params_active'] / 1e9:.2f}B "
+               "active per token (MFU counts these)" if "params_active" in s else ""))

@@ -213,6 +213,14 @@ def flops_per_token(parts: TrainingParts, config) -> float:
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     norms = state.frozen.get("model.layers.input_layernorm.weight", state.params.get("model.layers.input_layernorm.weight"))
     num_layers, hidden = (norms.shape if norms is not None else (0, 0))
+    spec = getattr(getattr(parts.model_def.merge(state.params, state.frozen), "model", None), "spec", None)
+    if getattr(spec, "moe", None) is not None:  # MFU counts the parameters a token uses: top-k of the routed experts
+        k, e = spec.moe.top_k, spec.moe.num_experts
+        dense_extra = total - sum(int(np.prod(x.shape)) for x in jax.tree.leaves((state.params, state.frozen)))
+        total = moe.param_counts({p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items()}, k, e)[1]
+        total += dense_extra
+        trainable = moe.param_counts({p: tuple(x.shape) for p, x in state.params.items()}, k, e)[1]
+        num_layers, hidden = spec.num_layers, spec.hidden_size
     return model_flops_per_token(total, num_layers, hidden, config.data.seq_len, trainable)
 
 

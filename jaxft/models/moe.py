@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -287,9 +288,23 @@ class MixedLayers(nnx.Module):
         return tuple(i for i, k in enumerate(self.kinds) if k == sparse)
 
 
-def active_fraction(moe: MoESpec) -> float:
-    """Share of the routed experts' parameters that one token uses."""
-    return moe.top_k / moe.num_experts
+def param_counts(shapes: dict[str, tuple[int, ...]], top_k: int, num_experts: int) -> tuple[int, int]:
+    """(total, active) parameter counts: a token uses top_k of the num_experts routed experts, so
+    their weights (and adapters: every path under `.experts.`) count k/E toward the active ones,
+    which is what MFU counts (DESIGN.md); the shared expert, attention and router count whole."""
+    total = active = 0
+    for path, shape in shapes.items():
+        n = math.prod(shape)
+        total += n
+        active += n * top_k // num_experts if ".experts." in path else n
+    return total, active
+
+
+def counts_of_hf_config(hf_config: dict) -> tuple[int, int] | None:
+    """(top_k, num_experts) of an HF MoE config.json, None for a dense model."""
+    experts = hf_config.get("num_experts") or hf_config.get("num_local_experts")
+    top_k = hf_config.get("num_experts_per_tok")
+    return (int(top_k), int(experts)) if experts and top_k else None
 
 
 __all__ = ["MoESpec", "SparseMoeBlock", "Experts", "ExpertLinear", "MixedLayers", "route", "load_balancing_loss",
