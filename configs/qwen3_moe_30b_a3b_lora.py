@@ -35,6 +35,7 @@ def get_config(arg: str = "v5e-8"):
     c.train.learning_rate = 2e-4
     c.train.warmup_steps = 50
     c.train.remat = "full"
+    c.train.loss_chunk = 512  # no [B, T, 151936] float32 logits
     c.train.eval_every = 200
     c.train.router_aux_loss_coef = 0.001  # the model's config.json value
     c.lora.rank = 8

@@ -211,7 +211,7 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     accum = config.train.grad_accum
     grads = trainable * (2 if accum > 1 else 1)
 
-    dp = sizes["data"] * sizes["fsdp"]
+    dp = sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)  # the batch's mesh axes (sharding.DEFAULT_RULES)
     micro = max(config.train.batch_size // accum // dp, 1)
     seq, vocab = config.data.seq_len, int(hf_config["vocab_size"])
     saved = _residuals(parts, config, micro, seq, vocab, layers, hf_config, sizes, fused)
@@ -271,8 +271,8 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
 
     routing = moe.counts_of_hf_config(hf_config)
     if routing:  # MoE: what a token uses (MFU's count) beside what memory holds
-        shapes = {p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items() if ".weight." not in p
-                  or p.endswith(".codes")}
+        shapes = {p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items()
+                  if ".adapter." not in p and (".weight." not in p or p.endswith(".codes"))}  # the base model
         settings["params_total"], settings["params_active"] = moe.param_counts(shapes, *routing)
         settings["experts"] = f"top-{routing[0]} of {routing[1]}"
     return Estimate(rows, settings)
@@ -392,7 +392,7 @@ def nearest_fit(config, hf_config, sizes, memory, target=None) -> tuple[list[tup
 
 def _knobs(config, sizes, chunkable: bool = True):
     """(key, values from the current setting towards the most frugal) in the order they are tried."""
-    dp = sizes["data"] * sizes["fsdp"]
+    dp = sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)  # the batch's mesh axes (sharding.DEFAULT_RULES)
     batch, accum = config.train.batch_size, config.train.grad_accum
     yield "train.grad_accum", [a for a in (accum * 2**i for i in range(1, 12))
                                if batch % a == 0 and (batch // a) % dp == 0]
