@@ -18,13 +18,12 @@ from flax import nnx
 
 from jaxft.models.layers import dropout_key
 from jaxft.models.moe import ExpertLinear, grouped_matmul
+from jaxft.peft.params import LORA_AXIS, LoRAParam
 
 
 class ExpertLoRA(nnx.Module):
     def __init__(self, linear: ExpertLinear, *, rank: int, scaling: float, dropout: float, dtype, salt: str,
                  key: jax.Array):
-        from jaxft.peft.lora import LORA_AXIS, LoRAParam
-
         *lead, out_features, in_features = linear.weight.shape  # lead = ([L,] E)
         *lead_axes, out_axis, in_axis = linear.weight.axes
         bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform_(a=√5) of A, per expert; B = 0

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.layers import Linear, dropout_key
+from jaxft.peft import expert_lora
+from jaxft.peft.params import LORA_AXIS, LoRAParam
 from jaxft.peft.quant import QuantParam, is_quantized
 
 log = logging.getLogger("jaxft.lora")
@@ -42,12 +44,7 @@ ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OUTPUT_HEAD = "lm_head"  # never adapted by "all-linear", as in PEFT
 MOE_ROUTER = "gate"  # a MoE router: nor this (transformers 5's router is no Linear that PEFT adapts); name it to adapt it
-LORA_AXIS = "lora"  # logical name of the rank axis; unknown to the sharding rules, so replicated
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class LoRAParam(nnx.Param):
-    """The variable type of every adapter parameter: `nnx.state(model, LoRAParam)` is what trains."""
 
 
 def is_lora_param(path: str, variable: nnx.Variable) -> bool:
@@ -163,8 +160,6 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     names that exist. Each adapter's A is drawn from `seed` and its path, so adding or removing a
     target does not change the others' init.
     """
-    from jaxft.peft import expert_lora
-
     linears = linear_modules(model)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no jaxft Linear module to adapt")
@@ -234,8 +229,6 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     `jaxft.save_pretrained` and the HF key tables cover *all* params of a model, so a model with
     adapters attached must be merged before it is saved as a Hugging Face folder.
     """
-    from jaxft.peft import expert_lora
-
     expert_lora.merge(model)
     for linear in linear_modules(model).values():
         adapter = linear.adapter
