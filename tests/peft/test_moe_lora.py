@@ -80,3 +80,29 @@ def test_lora_on_experts_trains_exports_and_loads_in_peft(case, tmp_path):
     assert changed, "no expert tensor changed in the merged export"
     diff = max_valid_diff(logits, torch_logits(merged, ids, mask, positions), mask)
     assert diff <= 1e-4, f"{case}: merged export logits differ from jaxft's by {diff:.2e}"
+
+
+def test_peft_export_refuses_what_peft_would_drop():
+    """Adapters PEFT would drop on load (a qwen2_moe expert, a dense MLP projection beside experts, the
+    router) are refused with the module named, instead of an adapter that serves the base."""
+    from jaxft.models.mixtral import convert
+    from jaxft.models.mixtral.config import MoEConfig
+
+    qwen2 = MoEConfig.from_hf({"model_type": "qwen2_moe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                               "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 4,
+                               "num_experts_per_tok": 2, "moe_intermediate_size": 4,
+                               "shared_expert_intermediate_size": 4})
+    qwen3 = MoEConfig.from_hf({"model_type": "qwen3_moe", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+                               "num_hidden_layers": 2, "num_attention_heads": 2, "num_experts": 4,
+                               "num_experts_per_tok": 2, "moe_intermediate_size": 4, "mlp_only_layers": [1]})
+    with pytest.raises(ValueError, match="qwen2_moe.*--format hf"):
+        convert.peft_modules(qwen2, "model.layers.mlp.experts.gate_proj", (2, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"model.layers.dense.mlp.up_proj: a dense MLP"):
+        convert.peft_modules(qwen3, "model.layers.dense.mlp.up_proj", (1, 2, 8))
+    with pytest.raises(ValueError, match="router"):
+        convert.peft_modules(qwen3, "model.layers.sparse.mlp.gate", (1, 2, 8))
+    # Mixed layers: the sparse stack's entry j is HF layer 0, the dense one's HF layer 1.
+    assert convert.peft_modules(qwen3, "model.layers.sparse.mlp.experts.down_proj", (1, 4, 8, 2))[-1] == \
+        ("model.layers.0.mlp.experts.3.down_proj", (0, 3))
+    assert convert.peft_modules(qwen3, "model.layers.dense.self_attn.q_proj", (1, 2, 8)) == \
+        [("model.layers.1.self_attn.q_proj", (0,))]

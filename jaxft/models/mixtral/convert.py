@@ -185,7 +185,17 @@ def peft_modules(cfg: MoEConfig, module_path: str, shape: tuple[int, ...]):
                          "is not a Linear); export the merged model with --format hf, or leave 'gate' out of lora.targets")
     m = re.fullmatch(r"mlp\.experts\.(\w+)", rest)
     if not m:
+        if rest.rsplit(".", 1)[-1] in _PROJ:
+            # PEFT (0.21, transformers 5) moves every gate_proj/up_proj/down_proj target onto the fused
+            # experts when it loads a MoE adapter, so an adapter here would be dropped on load, silently.
+            raise ValueError(f"{module_path}: a dense MLP projection's adapter in a {cfg.model_type} model has no PEFT "
+                             "form that PEFT loads beside expert adapters; export the merged model with --format hf")
         return [(f"{_LAYERS}{layer}.{rest}", (j,)) for j, layer in enumerate(ids)]
+    if cfg.model_type == "qwen2_moe":
+        # Tested: PEFT 0.21 does not convert per-expert adapters onto qwen2_moe's fused experts (they load as
+        # missing/unexpected keys and the experts stay the base), so the merged export is the only faithful form.
+        raise ValueError(f"{module_path}: PEFT does not load per-expert adapters of qwen2_moe models onto transformers "
+                         "5's fused experts; export the merged model with --format hf")
     proj = m.group(1)
     block, name = ("block_sparse_moe", {v: k for k, v in _MIXTRAL_NAMES.items()}[proj]) if cfg.model_type == "mixtral" \
         else ("mlp", proj)
