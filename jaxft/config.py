@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16 (frozen base weights, or all in full FT)
     c.model.compute_dtype = ml_collections.FieldReference(None, field_type=str)  # activations; None = model.dtype
     c.model.attention = "auto"  # auto | xla | jax | cudnn | splash (auto: cudnn on NVIDIA GPU, splash on TPU, else xla)
+    c.model.moe_implementation = "grouped"  # MoE experts: grouped (ragged_dot, dropless) | dense (one-hot reference)
     c.model.quantize = "none"  # none | int8 | nf4: QLoRA, the frozen decoder Linears stored quantized (needs lora.rank > 0)
     # New tokens (jaxft.vocab): added to the tokenizer, and the embedding (and an untied lm_head) grown to it.
     c.model.add_tokens = ml_collections.FieldReference((), field_type=object)  # ordinary tokens (strings)
@@ -61,6 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.momentum = 0.0  # sgd momentum (0 = plain SGD)
     c.train.clip_norm = 1.0  # global gradient norm (0 = off)
     c.train.z_loss = 0.0
+    c.train.router_aux_loss_coef = 0.0  # MoE: × load-balancing loss (transformers' router_aux_loss_coef; 0 = off)
+    c.train.router_z_loss_coef = 0.0  # MoE: × router z-loss (ST-MoE; 0 = off)
     c.train.remat = "none"  # none | full | dots | dots_no_batch
     c.train.loss_chunk = 0  # > 0: cross-entropy over sequence chunks of this size (no [B, T, vocab] logits)
     c.train.seed = 0  # data order, LoRA init, dropout

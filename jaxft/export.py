@@ -95,7 +95,7 @@ def export(workdir: str, out: str, format: str = "hf", step: int | None = None, 
             hf.copy_tokenizer_files(meta["base"]["path"], staging)
         else:
             write_peft_adapter(trained.params, meta, staging, dtype, fused_parts(model), trained.task.export_info(),
-                               rows, model.config.tie_word_embeddings)
+                               rows, model.config.tie_word_embeddings, peft_modules(model))
             hf.copy_tokenizer_files(meta["base"]["path"], staging)
         if vocab.changes_tokenizer(trained.config) and jax.process_index() == 0:  # the tokens and template it trained with
             vocab.save_tokenizer(vocab.load_tokenizer(trained.config, meta["base"]["path"]), staging)
@@ -173,9 +173,18 @@ def fused_parts(model) -> dict[str, tuple[str, int, int]]:
     return parts
 
 
+def peft_modules(model):
+    """The family's map from a jaxft module path and its adapter param's shape to (HF module, index
+    into the param) pairs, where it is not one module per layer (MoE: one per layer and expert), or None."""
+    convert = registry.family_for({"model_type": model.config.to_hf()["model_type"]}).convert
+    if not hasattr(convert, "peft_modules"):
+        return None
+    return lambda module_path, shape: convert.peft_modules(model.config, module_path, shape)
+
+
 def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype: str | None = None,
                        fused: dict[str, tuple[str, int, int]] | None = None, info: ExportInfo = ExportInfo(),
-                       rows: dict | None = None, tied: bool = False) -> None:
+                       rows: dict | None = None, tied: bool = False, modules_of=None) -> None:
     """adapter_model.safetensors with keys `base_model.model.<module>.lora_A.weight` etc., one per
     layer, and the adapter_config.json PEFT writes for the same LoRA settings. `info.modules_to_save`
     (trained whole) are written under their HF keys, as PEFT saves them. `rows` (module path →
@@ -221,13 +230,15 @@ def write_peft_adapter(params: dict[str, jax.Array], meta: dict, out: str, dtype
         if not module_path or name not in _PEFT_NAMES:
             raise ValueError(f"trainable param {path} is not a LoRA adapter param; a PEFT adapter cannot carry it")
         out_dtype = np.dtype(DTYPES[dtype]) if dtype else np.dtype(value.dtype)
-        modules.add(module_path.rsplit(".", 1)[-1])
         stacked = module_path.startswith("model.layers.")
-        layers = value.shape[0] if stacked else 1
-        for i in range(layers):
-            hf_module = module_path.replace("model.layers.", f"model.layers.{i}.", 1) if stacked else module_path
-            fetch = (lambda v=value, i=i: np.asarray(jax.device_get(v[i]))) if stacked else (lambda v=value: np.asarray(jax.device_get(v)))
-            shape = tuple(value.shape[1:] if stacked else value.shape)
+        targets = modules_of(module_path, tuple(value.shape)) if modules_of else None
+        if targets is None:  # one HF module per layer of the stack
+            targets = ([(module_path.replace("model.layers.", f"model.layers.{i}.", 1), (i,)) for i in range(value.shape[0])]
+                       if stacked else [(module_path, ())])
+        for hf_module, index in targets:
+            modules.add(hf_module.rsplit(".", 1)[-1])
+            fetch = lambda v=value, index=index: np.asarray(jax.device_get(v[index]))  # noqa: E731
+            shape = tuple(value.shape[len(index):])
             entries.append((f"base_model.model.{hf_module}.{_PEFT_NAMES[name]}", shape, out_dtype, fetch))
     folded = {}  # fused module name → number of adapted parts
     for fused_module, adapted in groups.items():

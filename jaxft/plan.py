@@ -213,7 +213,7 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
     accum = config.train.grad_accum
     grads = trainable * (2 if accum > 1 else 1)
 
-    dp = sizes["data"] * sizes["fsdp"]
+    dp = sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)  # the batch's mesh axes (sharding.DEFAULT_RULES)
     micro = max(config.train.batch_size // accum // dp, 1)
     grown = parts.new_vocab  # model.add_tokens: the grown vocabulary is what the step computes over
     seq, vocab = config.data.seq_len, grown.size if grown else int(hf_config["vocab_size"])
@@ -285,6 +285,14 @@ def _estimate(config, hf_config, sizes, fused) -> Estimate:
                                                                                     state.params.values()),
                 "virtual_tokens": peft_methods.virtual_tokens(config),  # extra key/value length of every sequence
                 "attention": implementation}
+    from jaxft.models import moe
+
+    routing = moe.counts_of_hf_config(hf_config)
+    if routing:  # MoE: what a token uses (MFU's count) beside what memory holds
+        shapes = {p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items()
+                  if ".adapter." not in p and (".weight." not in p or p.endswith(".codes"))}  # the base model
+        settings["params_total"], settings["params_active"] = moe.param_counts(shapes, *routing)
+        settings["experts"] = f"top-{routing[0]} of {routing[1]}"
     return Estimate(rows, settings)
 
 
@@ -414,7 +422,7 @@ def nearest_fit(config, hf_config, sizes, memory, target=None) -> tuple[list[tup
 
 def _knobs(config, sizes, chunkable: bool = True):
     """(key, values from the current setting towards the most frugal) in the order they are tried."""
-    dp = sizes["data"] * sizes["fsdp"]
+    dp = sizes["data"] * sizes["fsdp"] * sizes.get("expert", 1)  # the batch's mesh axes (sharding.DEFAULT_RULES)
     batch, accum = config.train.batch_size, config.train.grad_accum
     yield "train.grad_accum", [a for a in (accum * 2**i for i in range(1, 12))
                                if batch % a == 0 and (batch // a) % dp == 0]
@@ -507,4 +515,6 @@ def _header(config, hf_config, sizes, est, name) -> str:
     return (f"jaxft plan{' ' + name if name else ''}: {config.model.path} ({hf_config.get('model_type')}), {what}\n"
             f"  mesh {mesh}; micro-batch {s['micro_batch']} × seq {s['seq_len']} per device, grad_accum "
             f"{s['grad_accum']}; remat {s['remat']}; loss_chunk {s['loss_chunk']}; attention {s['attention']}; "
-            f"{config.model.dtype} params, quantize {s['quantize']}")
+            f"{config.model.dtype} params, quantize {s['quantize']}"
+            + (f"\n  experts {s['experts']}: {s['params_total'] / 1e9:.2f}B params in total, {s['params_active'] / 1e9:.2f}B "
+               "active per token (MFU counts these)" if "params_active" in s else ""))

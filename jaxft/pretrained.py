@@ -89,6 +89,8 @@ def from_pretrained(path_or_id: str | os.PathLike, dtype="float32", *, compute_d
         return sharding.named_sharding(variable.axes, variable.shape, mesh, rules)
 
     with hf.Checkpoint(source.path, allow_pickle=allow_pickle) as checkpoint:
+        if hasattr(family.convert, "checkpoint_view"):  # a family whose checkpoints have layouts of their own (MoE)
+            checkpoint = family.convert.checkpoint_view(config, checkpoint)
         fresh, ignored = [], list(family.convert.ignored_keys(config))
         if head is not None:
             fresh, more_ignored = classification.head_rules(checkpoint.shapes)
@@ -284,6 +286,10 @@ def save_pretrained(model: nnx.Module, out_dir: str | os.PathLike, *, dtype=None
             shapes[key] = tuple(per_key_shape)
             sizes.append((key, int(np.prod(per_key_shape)) * save_dtype.itemsize))
 
+    if hasattr(family.convert, "export_tensors"):  # keys written as other tensors (MoE: one per expert)
+        expanded = [t for key, _ in sizes for t in family.convert.export_tensors(config, key, shapes[key], fetchers[key])]
+        fetchers, shapes = {k: f for k, _, f in expanded}, {k: s for k, s, _ in expanded}
+        sizes = [(k, int(np.prod(s)) * save_dtype.itemsize) for k, s, _ in expanded]
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)

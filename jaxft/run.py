@@ -25,6 +25,7 @@ from jaxft import checkpoint as ckpt_lib
 from jaxft import config as config_lib
 from jaxft import optim, sharding, step, tasks, vocab
 from jaxft.models import attention as attn_lib
+from jaxft.models import moe
 from jaxft.peft import lora, quant, token_rows
 from jaxft.peft import methods as peft_methods
 from jaxft.pretrained import from_pretrained, init_random
@@ -83,6 +84,7 @@ def prepare_model(model, config, task: Task, training: bool = True, mesh=None, a
         trainable = lambda path, variable: not optim.frozen_by_pattern([path], patterns)  # noqa: E731
     model = task.attach(model, config, training=training, mesh=mesh, abstract=abstract)
     attn_lib.set_attention_implementation(model, config.model.attention)
+    moe.set_moe_implementation(model, config.model.get("moe_implementation", "grouped"))
     return model, task.trainable(trainable)
 
 
@@ -255,6 +257,14 @@ def flops_per_token(parts: TrainingParts, config) -> float:
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     norms = state.frozen.get("model.layers.input_layernorm.weight", state.params.get("model.layers.input_layernorm.weight"))
     num_layers, hidden = (norms.shape if norms is not None else (0, 0))
+    spec = getattr(getattr(parts.model_def.merge(state.params, state.frozen), "model", None), "spec", None)
+    if getattr(spec, "moe", None) is not None:  # MFU counts the parameters a token uses: top-k of the routed experts
+        k, e = spec.moe.top_k, spec.moe.num_experts
+        dense_extra = total - sum(int(np.prod(x.shape)) for x in jax.tree.leaves((state.params, state.frozen)))
+        total = moe.param_counts({p: tuple(x.shape) for p, x in {**state.params, **state.frozen}.items()}, k, e)[1]
+        total += dense_extra
+        trainable = moe.param_counts({p: tuple(x.shape) for p, x in state.params.items()}, k, e)[1]
+        num_layers, hidden = spec.num_layers, spec.hidden_size
     return model_flops_per_token(total, num_layers, hidden, config.data.seq_len, trainable)
 
 

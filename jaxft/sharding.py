@@ -11,6 +11,8 @@ the mesh axes `data`, `fsdp`, `context` and `tensor`:
            jaxft.models.context_parallel); params split along `embed` as with fsdp, since the
            devices of a context group hold the same rows and would otherwise each keep a full copy
 - tensor:  heads / mlp / vocab split (Megatron style)
+- expert:  mixture-of-experts weights split along their `expert` dimension (expert parallelism); the
+           batch is split over it too, so outside the experts it is one more data-parallel axis
 
 A dimension that a mesh axis does not divide stays replicated along that axis, so tiny test models
 and odd head counts still run on any mesh.
@@ -28,17 +30,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxft.models import layers
 
-MESH_AXES = ("data", "fsdp", "context", "tensor")  # context next to tensor: both talk every layer
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # context next to tensor: both talk every layer
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 DEFAULT_RULES: Rules = (
-    (layers.Axis.BATCH, ("data", "fsdp")),
+    (layers.Axis.BATCH, ("data", "fsdp", "expert")),
     (layers.Axis.SEQ, "context"),
     (layers.Axis.VOCAB, "tensor"),
     (layers.Axis.EMBED, ("fsdp", "context")),
     (layers.Axis.HEADS, "tensor"),
     (layers.Axis.KV_HEADS, "tensor"),
     (layers.Axis.MLP, "tensor"),
+    (layers.Axis.EXPERT, "expert"),
     (layers.Axis.LAYERS, None),
     (layers.Axis.NORM, None),
 )
@@ -60,8 +63,8 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int], devices: Sequence[jax.De
         sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
     else:
         sizes = [int(s) for s in shape]
-        if len(sizes) == 3:  # (data, fsdp, tensor), from before the context axis
-            sizes.insert(MESH_AXES.index("context"), 1)
+        if len(sizes) == 3:  # (data, fsdp, tensor), from before the expert and context axes
+            sizes[2:2] = [1, 1]
         if len(sizes) != len(MESH_AXES):
             raise ValueError(f"mesh.shape {tuple(sizes)} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if sizes.count(-1) > 1:

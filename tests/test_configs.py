@@ -29,7 +29,7 @@ def _args(path: str) -> tuple[str, ...]:
 CASES = [(path, arg) for path in CONFIGS for arg in _args(path)]
 # Parameter counts of the real models (config.json shapes), to catch a wrong preset.
 EXPECTED_PARAMS = {"meta-llama/Llama-3.1-8B": 8.03e9, "meta-llama/Llama-3.2-1B": 1.24e9, "Qwen/Qwen2.5-7B": 7.62e9,
-                   "mistralai/Mistral-7B-v0.3": 7.25e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9}
+                   "mistralai/Mistral-7B-v0.3": 7.25e9, "Qwen/Qwen2.5-1.5B-Instruct": 1.54e9, "Qwen/Qwen3-30B-A3B": 30.53e9}
 
 
 def test_every_config_file_is_covered():

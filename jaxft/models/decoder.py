@@ -15,11 +15,13 @@ into a leading axis: `model.layers.{i}.self_attn.q_proj.weight` [out, in] ↔
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import attention as attn_lib
+from jaxft.models import moe as moe_lib
 from jaxft.models import virtual as virtual_lib
 from jaxft.models.kv_cache import KVCache, write_layer
 from jaxft.models.layer_groups import layer_plan, scan_groups
@@ -54,6 +56,7 @@ class DecoderSpec:
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     final_softcap: float | None = None  # Gemma 2/3: tanh soft-capping of the output logits
     tie_word_embeddings: bool = False
+    moe: moe_lib.MoESpec | None = None  # mixture of experts: which layers are sparse, how they route
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -141,7 +144,7 @@ class DecoderLayer(nnx.Module):
     norm *of the attention output* in Gemma 2/3 (which add pre/post_feedforward_layernorm).
     """
 
-    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs, sparse: bool = False):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         norm = dict(eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
         self.input_layernorm = RMSNorm(spec.hidden_size, **norm)
@@ -150,21 +153,36 @@ class DecoderLayer(nnx.Module):
         if spec.sandwich_norms:
             self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
             self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, **norm)
-        self.mlp = MLP(spec, **kw)
+        # A sparse layer's mlp is the mixture of experts (jaxft.models.moe), HF's `mlp.gate`/`mlp.experts`.
+        self.mlp = moe_lib.SparseMoeBlock(spec.moe, spec.hidden_size, spec.activation, **kw) if sparse else MLP(spec, **kw)
         self.sandwich_norms = spec.sandwich_norms
+        self.sparse, self.router_stats = sparse, spec.moe is not None
+        self.num_experts = spec.moe.num_experts if spec.moe is not None else 0
 
     def __call__(self, x, cos, sin, mask, window, cache=None, prefix=None):
+        """→ x; with a cache, (x, cache); in a MoE model without a cache, (x, router stats [2E + 2])."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, window, cache, prefix)
         if cache is not None:
             attended, cache = attended
+        stats = jnp.zeros((moe_lib.stats_size(self.num_experts),), jnp.float32)  # a dense layer adds none
+
+        def mlp(h):
+            nonlocal stats
+            if not self.sparse:
+                return self.mlp(h)
+            out, stats = self.mlp(h, mask.kv_valid if cache is None else None)
+            return out
+
         if self.sandwich_norms:
             x = x + self.post_attention_layernorm(attended)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
         else:
             x = x + attended
-            x = x + self.mlp(self.post_attention_layernorm(x))
+            x = x + mlp(self.post_attention_layernorm(x))
         x = constrain(x, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
-        return x if cache is None else (x, cache)
+        if cache is not None:
+            return x, cache
+        return (x, stats) if self.router_stats else x
 
 
 class Decoder(nnx.Module):
@@ -173,8 +191,14 @@ class Decoder(nnx.Module):
     def __init__(self, spec: DecoderSpec, *, param_dtype, dtype, rngs: nnx.Rngs):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.embed_tokens = Embed(spec.vocab_size, spec.hidden_size, **kw)
-        self.layers = stack_layers(lambda r: DecoderLayer(spec, param_dtype=param_dtype, dtype=dtype, rngs=r),
-                                   spec.num_layers, rngs)
+        def make_layer(sparse, r):
+            return DecoderLayer(spec, param_dtype=param_dtype, dtype=dtype, rngs=r, sparse=sparse)
+
+        kinds = spec.moe.sparse_layers if spec.moe is not None else (False,) * spec.num_layers
+        if len(set(kinds)) > 1:  # dense layers between sparse ones: a stack of each kind
+            self.layers = moe_lib.MixedLayers(make_layer, kinds, rngs)
+        else:
+            self.layers = stack_layers(lambda r: make_layer(kinds[0], r), spec.num_layers, rngs)
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, plus_one=spec.norm_plus_one, **kw)
         self.spec = spec
         self.dtype = dtype
@@ -224,20 +248,32 @@ class Decoder(nnx.Module):
         tables = [rope.cos_sin(positions, self.dtype) for rope in spec.ropes]  # each (cos, sin) [B, T, R]
         # Layers are scanned in groups whose (window, RoPE table) pattern repeats (layer_groups.py), so
         # each layer's window reaches the attention kernels as a Python value, as fused kernels need.
-        plan = layer_plan(zip(spec.windows, spec.layer_ropes))
+        kinds = tuple(zip(spec.windows, spec.layer_ropes))
+        if isinstance(self.layers, moe_lib.MixedLayers):  # dense and sparse layers in two stacks
+            scan = functools.partial(self.layers.scan, kinds=kinds)
+        else:
+            scan = functools.partial(scan_groups, self.layers, plan=layer_plan(kinds))
         if cache is None:
-            def body(layer, x, layer_prefix, kind):
+            def body(layer, carry, layer_prefix, kind):
                 window, table = kind
-                return layer(x, *tables[table], mask, window, prefix=layer_prefix)
+                if spec.moe is None:
+                    return layer(carry, *tables[table], mask, window, prefix=layer_prefix)
+                x, total = carry  # MoE: router stats summed over layers, for the load-balancing loss
+                x, stats = layer(x, *tables[table], mask, window, prefix=layer_prefix)
+                return x, total + stats
 
-            return self.norm(scan_groups(self.layers, x, prefix, body, plan, remat=remat))
+            if spec.moe is None:
+                return self.norm(scan(x, prefix, body, remat=remat))
+            x, stats = scan((x, jnp.zeros((moe_lib.stats_size(spec.moe.num_experts),), jnp.float32)), prefix, body,
+                            remat=remat)
+            moe_lib.report_router_stats(stats)
+            return self.norm(x)
 
         def cached_body(layer, x, keys_values, kind):  # also carries this layer's cache slice in and out
             window, table = kind
             return layer(x, *tables[table], mask, window, (*keys_values, write_at))
 
-        x, (keys, values) = scan_groups(self.layers, x, (cache.keys, cache.values), cached_body, plan,
-                                        with_outputs=True)
+        x, (keys, values) = scan(x, (cache.keys, cache.values), cached_body, with_outputs=True)
         return self.norm(x), cache._replace(keys=keys, values=values)
 
 

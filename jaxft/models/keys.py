@@ -23,6 +23,9 @@ class KeyRule:
     hf: str  # HF key, e.g. "model.layers.{layer}.mlp.up_proj.weight"
     # A fused HF tensor: this param is rows [start, stop) of its first (per-layer) axis. None: all of it.
     rows: tuple[int, int] | None = None
+    # The HF layer of each entry of the stacked axis, where the stack holds only some layers (a MoE
+    # model's sparse or dense layers: jaxft.models.moe.MixedLayers). None: layer i is entry i.
+    layer_ids: tuple[int, ...] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -31,7 +34,8 @@ class KeyRule:
     def hf_keys(self, num_layers: int) -> list[str]:
         if not self.stacked:
             return [self.hf]
-        return [self.hf.replace(LAYER, str(i)) for i in range(num_layers)]
+        ids = range(num_layers) if self.layer_ids is None else self.layer_ids
+        return [self.hf.replace(LAYER, str(i)) for i in ids]
 
 
 def mirror_rules(param_paths: Iterable[str], stacked_prefix: str) -> list[KeyRule]:
@@ -63,9 +67,9 @@ def fused_rules(hf: str, parts: Sequence[tuple[str, int]]) -> list[KeyRule]:
 
 def group_by_key(rules: Sequence[KeyRule]) -> dict[str, list[KeyRule]]:
     """HF key pattern → its rules, ordered by rows (one rule unless the tensor is fused)."""
-    groups: dict[str, list[KeyRule]] = {}
-    for rule in rules:
-        groups.setdefault(rule.hf, []).append(rule)
+    groups: dict = {}
+    for rule in rules:  # rules of one pattern over different layers (layer_ids) are different keys
+        groups.setdefault(rule.hf if rule.layer_ids is None else (rule.hf, rule.layer_ids), []).append(rule)
     return {hf: sorted(group, key=lambda r: r.rows or (0, 0)) for hf, group in groups.items()}
 
 
@@ -84,8 +88,9 @@ def check_checkpoint(rules: Sequence[KeyRule], param_shapes: dict[str, tuple[int
     mapped: set[str] = set()
     for group in group_by_key(rules).values():
         for rule in group:
-            if rule.stacked and param_shapes[rule.param][0] != num_layers:
-                problems.append(f"param {rule.param} has {param_shapes[rule.param][0]} layers, config says {num_layers}")
+            expected = num_layers if rule.layer_ids is None else len(rule.layer_ids)
+            if rule.stacked and param_shapes[rule.param][0] != expected:
+                problems.append(f"param {rule.param} has {param_shapes[rule.param][0]} layers, config says {expected}")
         per_key, problem = _key_shape(group, param_shapes)
         if problem:
             problems.append(problem)

@@ -24,6 +24,7 @@ class Axis:
 
     BATCH, SEQ = "batch", "seq"
     VOCAB, EMBED, MLP, HEADS, KV_HEADS, LAYERS, NORM = "vocab", "embed", "mlp", "heads", "kv_heads", "layers", "norm"
+    EXPERT = "expert"  # the expert axis of mixture-of-experts weights [E, ...] (jaxft.models.moe)
 
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]

@@ -26,6 +26,9 @@ _FAMILIES = {
     "gemma2": ("jaxft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gemma3_text": ("jaxft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "phi3": ("jaxft.models.phi3", "Phi3Config", "Phi3ForCausalLM"),
+    "mixtral": ("jaxft.models.mixtral", "MoEConfig", "MoEForCausalLM"),
+    "qwen2_moe": ("jaxft.models.mixtral", "MoEConfig", "MoEForCausalLM"),
+    "qwen3_moe": ("jaxft.models.mixtral", "MoEConfig", "MoEForCausalLM"),
 }
 # Every family's decoder also takes a sequence-classification head: jaxft.models.classification.
 

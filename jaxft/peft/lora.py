@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models.layers import Linear, dropout_key
+from jaxft.peft import expert_lora
+from jaxft.peft.params import LORA_AXIS, LoRAParam
 from jaxft.peft.quant import QuantParam, is_quantized
 
 log = logging.getLogger("jaxft.lora")
@@ -41,12 +43,8 @@ log = logging.getLogger("jaxft.lora")
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OUTPUT_HEAD = "lm_head"  # never adapted by "all-linear", as in PEFT
-LORA_AXIS = "lora"  # logical name of the rank axis; unknown to the sharding rules, so replicated
+MOE_ROUTER = "gate"  # a MoE router: nor this (transformers 5's router is no Linear that PEFT adapts); name it to adapt it
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class LoRAParam(nnx.Param):
-    """The variable type of every adapter parameter: `nnx.state(model, LoRAParam)` is what trains."""
 
 
 def is_lora_param(path: str, variable: nnx.Variable) -> bool:
@@ -165,9 +163,10 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     linears = linear_modules(model)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no jaxft Linear module to adapt")
-    names = sorted({path[-1] for path in linears})
+    # Mixture-of-experts projections answer to the same names (gate_proj, ...): targeted alike, per expert.
+    names = sorted({path[-1] for path in linears} | {path[-1] for path in expert_lora.expert_modules(model)})
     if config.targets == ALL_LINEAR:
-        targets = set(names) - {OUTPUT_HEAD}
+        targets = set(names) - {OUTPUT_HEAD, MOE_ROUTER}
     else:
         unknown = [t for t in config.targets if t not in names]
         if unknown:
@@ -178,10 +177,11 @@ def apply_lora(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Modu
     taken = [".".join(path) for path, linear in chosen.items() if linear.adapter is not None]
     if taken:  # checked before any change, so a failed call leaves the model as it was
         raise ValueError(f"{taken} already have adapters; merge_lora(model) before applying another")
-
-    _warn_rank_above_dimensions(chosen, config.rank)
     root = jax.random.key(seed)
     dtype = _DTYPES[config.adapter_dtype]
+    expert_lora.attach(model, targets, config, root, dtype, _stable_hash)
+
+    _warn_rank_above_dimensions(chosen, config.rank)
     for path, linear in chosen.items():
         salt = ".".join(path)  # also keys this site's dropout masks
         linear.adapter = LoRA(linear, rank=config.rank, scaling=config.scaling, dropout=config.dropout,
@@ -229,6 +229,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     `jaxft.save_pretrained` and the HF key tables cover *all* params of a model, so a model with
     adapters attached must be merged before it is saved as a Hugging Face folder.
     """
+    expert_lora.merge(model)
     for linear in linear_modules(model).values():
         adapter = linear.adapter
         if not isinstance(adapter, LoRA):

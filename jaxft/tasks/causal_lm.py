@@ -8,6 +8,9 @@ is the mean token cross-entropy over every trained target token of the global ba
 included), optionally with z-loss (train.z_loss: mean logsumexp², PaLM) and over sequence chunks
 (train.loss_chunk) so that [B, T, V] float32 logits are never held. Eval: eval_loss and perplexity
 on data.validation (or data.validation_fraction).
+Mixture-of-experts models add their router losses over the same forward pass (jaxft.models.moe):
+train.router_aux_loss_coef × the load-balancing loss (transformers' load_balancing_loss_func, which
+it adds with output_router_logits) and train.router_z_loss_coef × the router z-loss, each logged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from jaxft import evaluate
 from jaxft.losses import chunked_cross_entropy_sums, cross_entropy_sums, forward, hidden_states
+from jaxft.models import moe
 from jaxft.tasks.base import Task, need
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "attention_mask")
@@ -31,6 +35,8 @@ class NextTokenLoss:
 
     z_loss: float = 0.0
     chunk: int = 0  # > 0: over sequence chunks of this many tokens
+    router_aux_loss_coef: float = 0.0  # MoE: × load-balancing loss of this micro-batch's forward
+    router_z_loss_coef: float = 0.0  # MoE: × router z-loss
 
     def normalizer(self, batch):
         return batch["loss_mask"].astype(jnp.float32).sum()
@@ -43,8 +49,17 @@ class NextTokenLoss:
         return cross_entropy_sums(forward(model, batch), batch["targets"], batch["loss_mask"], self.z_loss)
 
     def loss(self, model, batch, normalizer):
-        nll, z = self.sums(model, batch)
-        return (nll + self.z_loss * z) / normalizer, {"loss": nll / normalizer, "z_loss": z / normalizer}
+        with moe.collect_router_stats() as router:
+            nll, z = self.sums(model, batch)
+        loss, metrics = (nll + self.z_loss * z) / normalizer, {"loss": nll / normalizer, "z_loss": z / normalizer}
+        if router:  # a MoE model: transformers adds its aux loss per forward; a micro-batch adds its token share
+            (stats,) = router
+            experts = (stats.shape[0] - 2) // 2
+            share = self.normalizer(batch) / normalizer
+            aux, router_z = moe.load_balancing_loss(stats, experts), moe.router_z_loss(stats, experts)
+            loss = loss + share * (self.router_aux_loss_coef * aux + self.router_z_loss_coef * router_z)
+            metrics.update({"router_aux_loss": share * aux, "router_z_loss": share * router_z})
+        return loss, metrics
 
 
 class CausalLM(Task):
@@ -68,7 +83,9 @@ class CausalLM(Task):
         return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32) for k in BATCH_KEYS}
 
     def objective(self, config) -> NextTokenLoss:
-        return NextTokenLoss(z_loss=config.train.z_loss, chunk=config.train.loss_chunk)
+        return NextTokenLoss(z_loss=config.train.z_loss, chunk=config.train.loss_chunk,
+                             router_aux_loss_coef=config.train.get("router_aux_loss_coef", 0.0),
+                             router_z_loss_coef=config.train.get("router_z_loss_coef", 0.0))
 
     def eval_step(self, model_def, mesh, config):
         loss = NextTokenLoss(chunk=config.train.loss_chunk)  # chunked as in training: eval fits where training does
