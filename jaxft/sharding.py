@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxft.models import context_parallel  # noqa: F401  (registers attention over a split sequence)
 from jaxft.models import layers
 
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")  # context next to tensor: both talk every layer

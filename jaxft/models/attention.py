@@ -156,6 +156,12 @@ def fallback_reason(implementation: str, q, k, v, mask: MaskInfo, window, softca
     return _kernel(implementation).unsupported(q, k, v, mask, window, softcap)
 
 
+# jaxft.models.context_parallel (built on this module, so not imported by it) registers its
+# (layout, attention) pair here when imported; jaxft.sharding imports it, and only its meshes split
+# the sequence.
+_CONTEXT_PARALLEL: list = []
+
+
 def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str = "xla",
               softcap: float | None = None) -> jnp.ndarray:
     """q [B, T, H, D]; k, v [B, S, K, D] → [B, T, H, D], by `implementation` (one of IMPLEMENTATIONS).
@@ -165,11 +171,10 @@ def attention(q, k, v, mask: MaskInfo, window, scale: float, implementation: str
     Under a mesh whose rules split the sequence (the `context` axis), the call is context-parallel:
     jaxft.models.context_parallel gathers the keys and runs this same dispatch on each shard.
     """
-    from jaxft.models import context_parallel  # imports this module: here, not at the top
-
-    where = context_parallel.layout(q, k, mask)
-    if where is not None:
-        return context_parallel.attention(q, k, v, mask, window, scale, implementation, softcap, where)
+    for layout, split_attention in _CONTEXT_PARALLEL:
+        where = layout(q, k, mask)
+        if where is not None:
+            return split_attention(q, k, v, mask, window, scale, implementation, softcap, where)
     if implementation != "xla":
         reason = fallback_reason(implementation, q, k, v, mask, window, softcap)
         for record in _RECORDS.get():

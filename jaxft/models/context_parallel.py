@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxft.models import attention as attn_lib
 from jaxft.models import layers
 from jaxft.models.attention_kernels import SPLASH_BLOCKS, _splash_segments, full_sequence, static_window
 
@@ -81,7 +82,6 @@ def layout(q, k, mask) -> Layout | None:
 def attention(q, k, v, mask, window, scale: float, implementation: str, softcap: float | None, where: Layout):
     """attention.attention(...) for a sequence split as `where` says: q [B, T, H, D], k, v [B, T, K, D]
     (global shapes, sharded) → [B, T, H, D] sharded like q."""
-    from jaxft.models import attention as attn_lib
 
     traced_window = isinstance(window, jax.core.Tracer)  # a per-layer window scanned by the decoder
 
@@ -114,7 +114,6 @@ def attention(q, k, v, mask, window, scale: float, implementation: str, softcap:
 
 
 def _log_fallback(implementation: str, reason: str) -> None:
-    from jaxft.models import attention as attn_lib
 
     if (implementation, reason) not in attn_lib._LOGGED:  # once per reason per process, as attention() does
         attn_lib._LOGGED.add((implementation, reason))
@@ -168,3 +167,7 @@ def _splash(q, k, v, mask, q_valid, window, scale, softcap, shard, shards: int):
 
     out = jax.lax.switch(shard, [branch(i) for i in range(shards)], qh, kh, vh, q_ids, kv_ids)
     return heads_first(out)
+
+
+if (layout, attention) not in attn_lib._CONTEXT_PARALLEL:
+    attn_lib._CONTEXT_PARALLEL.append((layout, attention))
