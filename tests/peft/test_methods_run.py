@@ -52,6 +52,7 @@ def test_two_plus_two_steps_equal_four(method, tmp_path):
     for path, value in first.params.items():
         np.testing.assert_array_equal(np.asarray(jax.device_get(value)), np.asarray(jax.device_get(second.params[path])),
                                       err_msg=path)
+    export_and_check(str(straight), first, method, tmp_path)
 
 
 @pytest.mark.parametrize("method, extra", [("prefix_tuning", []), ("prefix_tuning", ["--config.peft.prefix_projection=True"]),
@@ -72,7 +73,6 @@ def test_plan_counts_each_methods_params(method, extra):
     assert f"{expected:,} trained params" in result.header
     if method == "prefix_tuning":
         assert "+5 key/value positions per sequence" in result.header
-    export_and_check(str(straight), first, method, tmp_path)
 
 
 def export_and_check(workdir, trained, method, tmp_path):
