@@ -181,23 +181,13 @@ def scan_layers(stacked: nnx.Module, carry, per_layer_inputs, body: Callable, re
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    frozen = min(_FROZEN_PREFIX.get(), num_layers)
-    if frozen and not with_outputs:
-        # Two scans: the frozen prefix with its params under stop_gradient, so autodiff builds no
-        # weight gradient for those layers (and nothing at all when no trainable param feeds them),
-        # then the trainable suffix. The same layer bodies in the same order: the same values.
-        rows = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], (state, per_layer_inputs))  # noqa: E731
-        (head_state, head_inputs), (tail_state, tail_inputs) = rows(0, frozen), rows(frozen, num_layers)
-        carry, _ = jax.lax.scan(step, carry, (jax.lax.stop_gradient(head_state), head_inputs, jnp.arange(frozen)))
-        carry, _ = jax.lax.scan(step, carry, (tail_state, tail_inputs, jnp.arange(frozen, num_layers)))
-        return carry
     carry, outputs = jax.lax.scan(step, carry, (state, per_layer_inputs, jnp.arange(num_layers)))
     return (carry, outputs) if with_outputs else carry
 
 
 # --- frozen first layers (train.freeze_first_layers) ---------------------------------------------
-# The train step opens `frozen_prefix(n)` around the loss: every scan_layers inside it runs layers
-# [0, n) as a separate scan whose params take no gradient (the optimizer keeps no state for those
+# The train step opens `frozen_prefix(n)` around the loss: every layer_groups.scan_groups inside it
+# runs layers [0, n) as separate scans whose params take no gradient (the optimizer keeps no state for those
 # rows either: jaxft.optim). Outside the block (evaluation, generation) nothing changes.
 _FROZEN_PREFIX: contextvars.ContextVar[int] = contextvars.ContextVar("jaxft_frozen_prefix", default=0)
 
